@@ -1,0 +1,117 @@
+"""`rewrite MODEL --analyze`: per-layer cost table, largest first, with bottleneck candidates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from rewriter.cost import bottleneck_macs, model_cost, round_rank
+from rewriter.graph import conv_geometry, nodes_by_op
+from rewriter.shapes import static_shape, with_input_shapes
+
+DEFAULT_RATIO = 0.5
+DEFAULT_ROUND = 8
+
+
+@dataclass
+class LayerRow:
+    """One row of the analysis table."""
+
+    node: str
+    op: str
+    input_shape: list[int] | None
+    output_shape: list[int] | None
+    kernel: list[int] | None
+    macs: int | None
+    share: float
+    params: int
+    candidate: bool = False
+    rank: int | None = None
+    macs_after: int | None = None
+    saving: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Analysis:
+    """The whole table plus totals; `to_dict` is the `--json` output (plain integers)."""
+
+    rows: list[LayerRow]
+    total_macs: int
+    total_params: int
+    candidate_saving: int
+    unknown: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "total_macs": int(self.total_macs),
+            "total_params": int(self.total_params),
+            "candidate_macs_saving": int(self.candidate_saving),
+            "default_ratio": DEFAULT_RATIO,
+            "unknown_macs_nodes": list(self.unknown),
+            "layers": [r.__dict__ for r in self.rows],
+        }
+
+
+def analyze(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+    """Per-layer MACs and params on a copy with dynamic dims fixed; bottleneck candidates marked."""
+    fixed = with_input_shapes(model, input_shapes or {})
+    cost = model_cost(fixed)
+    total = cost.macs or 1
+    candidates = {c.node: c for c in bottleneck_candidates(fixed)}
+    rows = []
+    for c in cost.nodes:
+        if not c.macs and not c.params:
+            continue
+        row = LayerRow(
+            node=c.name,
+            op=c.op_type,
+            input_shape=list(c.input_shape) if c.input_shape else None,
+            output_shape=list(c.output_shape) if c.output_shape else None,
+            kernel=list(c.kernel) if c.kernel else None,
+            macs=c.macs,
+            share=(c.macs or 0) / total,
+            params=c.params,
+        )
+        cand = candidates.get(c.name)
+        if cand is not None:
+            row.candidate, row.rank, row.macs_after = True, cand.rank, cand.macs_after
+            row.saving = (c.macs or 0) - cand.macs_after
+        rows.append(row)
+    rows.sort(key=lambda r: -(r.macs or 0))
+    saving = sum(r.saving or 0 for r in rows)
+    return Analysis(rows, cost.macs, cost.params, saving, cost.unknown)
+
+
+@dataclass
+class Candidate:
+    node: str
+    rank: int
+    macs_before: int
+    macs_after: int
+
+
+def bottleneck_candidates(
+    model: ir.Model, ratio: float = DEFAULT_RATIO, multiple: int = DEFAULT_ROUND
+) -> list[Candidate]:
+    """Group-1 kxk convs where a 1x1 reduce to `ratio` of the input channels saves MACs."""
+    out = []
+    for node in nodes_by_op(model, ["Conv"]):
+        x, y = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        if x is None or y is None or w is None:
+            continue
+        geo = conv_geometry(node, w)
+        if geo.group != 1 or geo.is_pointwise:
+            continue
+        channels, out_channels = w[1], w[0]
+        rank = round_rank(channels * ratio, multiple, channels)
+        in_pos, out_pos = x[0] * math.prod(x[2:]), y[0] * math.prod(y[2:])
+        before = out_pos * out_channels * channels * math.prod(geo.kernel)
+        after = bottleneck_macs(in_pos, out_pos, channels, out_channels, rank, geo.kernel)
+        if after < before:
+            out.append(Candidate(node.name, rank, before, after))
+    return out

@@ -1,0 +1,179 @@
+"""Calibration data: `.npz` (input name -> array, optional `labels`), `.npy`, image folders, or
+`random`. Samples split deterministically into a fitting part and a held-out part for fidelity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.errors import CalibrationError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs by name (first axis = samples), optional labels, and where they came from."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+    synthetic: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def subset(self, index: np.ndarray) -> CalibrationSet:
+        return CalibrationSet(
+            {k: v[index] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[index],
+            self.source,
+            self.synthetic,
+        )
+
+    def split(self, holdout: float = 0.25, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet]:
+        """A seeded shuffle, then (fit, held-out); both keep at least one sample when n >= 2."""
+        n = self.n
+        if n < 2:
+            return self, self
+        order = np.random.default_rng(seed).permutation(n)
+        n_hold = min(max(1, int(round(n * holdout))), n - 1)
+        return self.subset(np.sort(order[n_hold:])), self.subset(np.sort(order[:n_hold]))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+
+
+@dataclass
+class InputSpec:
+    """A model input: name, numpy dtype and shape (None for a symbolic dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+def model_input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller feeds (initializers that are also inputs excluded)."""
+    inits = set(model.graph.initializers)
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in inits:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or []))
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def load_calibration(
+    spec: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet,
+    model: ir.Model,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    preprocess: str | None = None,
+    n_random: int = 64,
+    seed: int = 0,
+) -> CalibrationSet:
+    """Read calibration data for `model` and check it matches the model's inputs."""
+    specs = model_input_specs(model)
+    if isinstance(spec, CalibrationSet):
+        data = spec
+    elif isinstance(spec, Mapping):
+        data = _from_mapping(dict(spec), specs, "<dict>")
+    elif str(spec) == "random":
+        data = _random(specs, input_shapes or {}, n_random, seed)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CalibrationError(f"--calib {spec}: no such file or folder")
+        if path.is_dir():
+            from rewriter.images import load_image_folder
+
+            data = load_image_folder(path, specs, preprocess)
+        elif path.suffix == ".npz":
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+            except Exception as exc:
+                raise CalibrationError(f"--calib {spec}: cannot read npz ({exc})") from None
+            data = _from_mapping(arrays, specs, str(spec))
+        elif path.suffix == ".npy":
+            if len(specs) != 1:
+                raise CalibrationError(
+                    f"--calib {spec}: a .npy serves single-input models; this one has inputs "
+                    f"{[s.name for s in specs]} (use a .npz keyed by input name)"
+                )
+            try:
+                array = np.load(path, allow_pickle=False)
+            except Exception as exc:
+                raise CalibrationError(f"--calib {spec}: cannot read npy ({exc})") from None
+            data = _from_mapping({specs[0].name: array}, specs, str(spec))
+        else:
+            raise CalibrationError(
+                f"--calib {spec}: expected .npz, .npy, a folder of images, or 'random'"
+            )
+    _check_against_model(data, specs)
+    return data
+
+
+def _from_mapping(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> CalibrationSet:
+    labels = arrays.pop("labels", None)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise CalibrationError(
+            f"--calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
+        )
+    inputs = {s.name: np.ascontiguousarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs}
+    return CalibrationSet(inputs, labels, source, synthetic=False)
+
+
+def _random(
+    specs: list[InputSpec], input_shapes: Mapping[str, tuple[int, ...]], n: int, seed: int
+) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for s in specs:
+        shape = input_shapes.get(s.name) or s.shape
+        dims = list(shape)
+        if dims and dims[0] is None:
+            dims[0] = 1
+        if any(d is None for d in dims):
+            raise CalibrationError(
+                f"--calib random: input '{s.name}' has dynamic dims {list(s.shape)}; "
+                f"give --input-shape {s.name}:..."
+            )
+        sample = [n, *dims[1:]] if dims else [n]
+        if np.issubdtype(s.dtype, np.floating):
+            inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
+        else:
+            inputs[s.name] = rng.integers(0, 2, sample).astype(s.dtype)
+    return CalibrationSet(inputs, None, "random", synthetic=True)
+
+
+def _check_against_model(data: CalibrationSet, specs: list[InputSpec]) -> None:
+    counts = {k: len(v) for k, v in data.inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"--calib {data.source}: inputs have different sample counts {counts}")
+    if data.n == 0:
+        raise CalibrationError(f"--calib {data.source}: no samples")
+    for s in specs:
+        got = data.inputs[s.name].shape
+        want = s.shape
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want[1:], got[1:])):
+            raise CalibrationError(
+                f"--calib {data.source}: input '{s.name}' has shape {list(got)}, model expects "
+                f"{['?' if d is None else d for d in want]}"
+            )
+    if data.labels is not None and len(data.labels) != data.n:
+        raise CalibrationError(
+            f"--calib {data.source}: {len(data.labels)} labels for {data.n} samples"
+        )

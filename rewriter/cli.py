@@ -1,0 +1,152 @@
+"""The `rewrite` command. Exit codes: 0 done, 1 bad input or failure, 2 usage, 3 quality gate.
+
+Errors become one line on stderr naming the file, node and op; no tracebacks for user problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rewriter.errors import OnexoneError, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rewriter import __version__
+
+    p = argparse.ArgumentParser(
+        prog="rewrite",
+        description="Rewrite an ONNX model with 1x1-convolution tricks and prove the result in "
+        "onnxruntime.",
+        epilog="exit codes: 0 done, 1 bad input or failure, 2 usage, 3 quality gate failed",
+    )
+    p.add_argument("model", nargs="?", help="input .onnx model")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="pass to run (repeatable, runs in order); list values use '|'")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.rewritten.onnx)")
+    p.add_argument("--config", help="pipeline TOML file (passes, calibration, gates, outputs)")
+    p.add_argument("--calib", help="calibration data: .npz, .npy, image folder, or 'random'")
+    p.add_argument("--preprocess", help="for image folders: size=224,mean=...,std=...,layout=NCHW")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="fix dynamic input dims for analysis and benchmarking (never in the output)")
+    p.add_argument("--report", action="append", default=[], metavar="PATH",
+                   help="write the report (.json or .md; repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="plan only: print decisions, write nothing")
+    p.add_argument("--analyze", action="store_true", help="per-layer MACs/params and candidates")
+    p.add_argument("--json", action="store_true", help="with --analyze: JSON on stdout only")
+    p.add_argument("--list-passes", action="store_true", help="list passes, options and defaults")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and training (default 0)")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="share of calibration samples held out for fidelity (default 0.25)")
+    p.add_argument("--max-drop", type=float, help="gate: max drop of accuracy / top-1 agreement")
+    p.add_argument("--min-cosine", type=float, help="gate: min output cosine similarity")
+    p.add_argument("--min-speedup", type=float, help="gate: min measured speedup (needs --bench)")
+    p.add_argument("--keep-failed", action="store_true", help="write the model even if a gate fails")
+    p.add_argument("--bench", action="store_true", help="measure latency in onnxruntime (A/B)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--batch", type=int, action="append", default=[], help="benchmark batch size(s)")
+    p.add_argument("--plot", help="write a PNG of per-layer MACs and latency (needs [plot] extra)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on the terminal")
+    p.add_argument("--version", action="version", version=f"onexone {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage
+        return int(exc.code or 0)
+    console = make_console(stderr=args.json, quiet=args.quiet)
+    try:
+        return run(args, parser, console)
+    except OnexoneError as exc:
+        print(f"rewrite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rewrite: interrupted; nothing written", file=sys.stderr)
+        return EXIT_FAILURE
+    except MemoryError:
+        print("rewrite: error: out of memory; nothing written", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def make_console(*, stderr: bool = False, quiet: bool = False) -> Console:
+    """Rich console; wide and plain when not a terminal (logs, CI) so tables are not cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, quiet=quiet)
+    return Console(stderr=stderr, quiet=quiet, width=200, no_color=True, highlight=False)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
+    from rewriter.shapes import parse_input_shapes
+
+    if args.list_passes:
+        _list_passes(console)
+        return EXIT_OK
+    if args.config:
+        from rewriter.config import apply_config
+
+        apply_config(args, Path(args.config))
+    if not args.model:
+        parser.print_usage(sys.stderr)
+        print("rewrite: error: MODEL is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        shapes = parse_input_shapes(args.input_shape)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from rewriter.io import load
+
+    model = load(args.model)
+    if args.analyze:
+        return _analyze(model, shapes, args, console)
+    if not args.passes:
+        raise UsageError("nothing to do: give --pass NAME (see --list-passes) or --analyze")
+    from rewriter.job import run_job
+
+    return run_job(model, shapes, args, console)
+
+
+def _analyze(model: Any, shapes: dict, args: argparse.Namespace, console: Console) -> int:
+    from rewriter.analyze import analyze
+    from rewriter.render import print_analysis
+
+    analysis = analyze(model, shapes)
+    if args.json:
+        sys.stdout.write(json.dumps(analysis.to_dict(), indent=2) + "\n")
+    else:
+        print_analysis(analysis, console)
+    for path in args.report:
+        _write_text(Path(path), json.dumps(analysis.to_dict(), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _list_passes(console: Console) -> None:
+    from passes import available, describe_options
+
+    for name, cls in available().items():
+        console.print(f"[bold]{name}[/bold]: {cls.summary}")
+        for opt, default, text in describe_options(cls.Options):
+            console.print(f"    {opt}={default}  {text}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic text write (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Graph helpers every pass shares, so no pass touches protobufs or re-implements edge bookkeeping.
+
+onnx-ir is the single source of truth: values are SSA and know their producer and uses, so a
+rewrite is "build nodes, insert them, replace the old value's uses, remove what went dead".
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+# ------------------------------------------------------------------------------ constants
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant behind a value: an initializer or a `Constant` node output (PP-OCR style)."""
+    if value is None:
+        return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+
+
+def const_array(value: ir.Value | None, dtype: np.dtype | type | None = None) -> np.ndarray | None:
+    """The constant behind a value as numpy (optionally cast), or None when computed at run time.
+
+    Graph inputs that double as initializers are not constant: a user may feed them.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    tensor = const_tensor(value)
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    return array.astype(dtype) if dtype is not None else array
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer in `graph` and return its value."""
+    array = np.ascontiguousarray(array)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def weight_is_private(value: ir.Value, node: ir.Node) -> bool:
+    """True when `node` is the only user of `value` and it is not a graph output."""
+    return not value.is_graph_output() and all(use.node is node for use in value.uses())
+
+
+def float_dtype_of(value: ir.Value) -> np.dtype:
+    """The numpy float dtype a rewritten weight must be written in (float16 models stay fp16)."""
+    tensor = const_tensor(value)
+    if tensor is not None:
+        return tensor.dtype.numpy()
+    if value.dtype is not None:
+        return value.dtype.numpy()
+    return np.dtype(np.float32)
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+class Namer:
+    """Deterministic unique names for new nodes and values (no counters shared across runs)."""
+
+    def __init__(self, model_or_graph: ir.Model | ir.Graph) -> None:
+        graphs = (
+            list(model_or_graph.graphs())
+            if isinstance(model_or_graph, ir.Model)
+            else [model_or_graph, *(g for g in _subgraphs(model_or_graph))]
+        )
+        self._taken: set[str] = set()
+        for graph in graphs:
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(v.name for v in node.outputs if v.name)
+
+    def __call__(self, base: str) -> str:
+        """A name starting with `base` that no node or value of the model uses yet."""
+        base = base or "onexone"
+        name = base
+        for i in itertools.count(1):
+            if name not in self._taken:
+                break
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
+
+
+def _subgraphs(graph: ir.Graph) -> Iterable[ir.Graph]:
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.value
+
+
+# ------------------------------------------------------------------------------ editing
+
+
+def make_node(
+    op_type: str,
+    inputs: Sequence[ir.Value | None],
+    attributes: dict | None,
+    *,
+    name: str,
+    namer: Namer,
+    num_outputs: int = 1,
+) -> ir.Node:
+    """A node whose outputs get unique names derived from the node's name."""
+    node = ir.node(op_type, inputs, attributes or {}, name=name, num_outputs=num_outputs)
+    for i, out in enumerate(node.outputs):
+        out.name = namer(f"{name}_out{i}" if num_outputs > 1 else f"{name}_out")
+    return node
+
+
+def set_constant_input(
+    graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, namer: Namer, base: str
+) -> ir.Value:
+    """Point input `index` of `node` at a new initializer holding `array`.
+
+    The old constant is left alone: if another node shares it, that node keeps its weight; if
+    not, dead-initializer removal drops it after the pass.
+    """
+    value = new_initializer(graph, namer(base), array)
+    node.replace_input_with(index, value)
+    return value
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every user of `old` read `new`; a graph output keeps its name (and so its interface)."""
+    if old.is_graph_output():
+        name = old.name
+        old.name = None
+        new.name = name
+        if old.shape is not None and new.shape is None:
+            new.shape = old.shape
+        if old.type is not None and new.type is None:
+            new.type = old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
+def remove_unused(model: ir.Model) -> None:
+    """Drop nodes and initializers nothing reads (outer-scope uses in subgraphs count)."""
+    RemoveUnusedNodesPass()(model)
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Distinct nodes reading `value`, in graph order of first use."""
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading `value`, or None (no use, several uses, or a graph output)."""
+    users = consumers(value)
+    if len(users) != 1 or value.is_graph_output():
+        return None
+    return users[0]
+
+
+# ------------------------------------------------------------------------------ conv geometry
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv node's attributes with ONNX defaults filled in (spatial rank from its weight)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+    auto_pad: str
+
+    @property
+    def is_pointwise(self) -> bool:
+        return all(k == 1 for k in self.kernel)
+
+    def attributes(self, *, keep_auto_pad: bool = True) -> dict:
+        """Attributes for a Conv with this geometry (pads only when auto_pad is NOTSET)."""
+        attrs: dict = {
+            "kernel_shape": list(self.kernel),
+            "strides": list(self.strides),
+            "dilations": list(self.dilations),
+            "group": self.group,
+        }
+        if keep_auto_pad and self.auto_pad not in ("", "NOTSET"):
+            attrs["auto_pad"] = self.auto_pad
+        else:
+            attrs["pads"] = list(self.pads)
+        return attrs
+
+
+def conv_geometry(node: ir.Node, weight_shape: Sequence[int]) -> ConvGeometry:
+    """Read Conv/ConvTranspose attributes with defaults; `weight_shape` gives the spatial rank."""
+    spatial = len(weight_shape) - 2
+    kernel = tuple(node.attributes.get_ints("kernel_shape", None) or weight_shape[2:])
+    return ConvGeometry(
+        kernel=tuple(int(k) for k in kernel),
+        strides=tuple(node.attributes.get_ints("strides", None) or (1,) * spatial),
+        pads=tuple(node.attributes.get_ints("pads", None) or (0,) * (2 * spatial)),
+        dilations=tuple(node.attributes.get_ints("dilations", None) or (1,) * spatial),
+        group=int(node.attributes.get_int("group", 1)),
+        auto_pad=node.attributes.get_string("auto_pad", "NOTSET"),
+    )
+
+
+def pointwise_conv_attrs(spatial: int) -> dict:
+    """Attributes of a plain 1x1 conv (stride 1, no padding) of the given spatial rank."""
+    return {
+        "kernel_shape": [1] * spatial,
+        "strides": [1] * spatial,
+        "pads": [0] * (2 * spatial),
+        "dilations": [1] * spatial,
+        "group": 1,
+    }
+
+
+# ------------------------------------------------------------------------------ analysis view
+
+
+def to_networkx(graph: ir.Graph) -> nx.DiGraph:
+    """A read-only DiGraph of node names (edges labelled with the value) for path queries.
+
+    Rebuilt on demand and never edited: onnx-ir stays the source of truth.
+    """
+    view = nx.DiGraph()
+    for node in graph:
+        view.add_node(node.name, op=node.op_type, node=node)
+    for node in graph:
+        for value in node.outputs:
+            for user in consumers(value):
+                if user.graph is graph:
+                    view.add_edge(node.name, user.name, value=value.name)
+    return view
+
+
+def nodes_by_op(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
+    """Every node (subgraphs included) whose op type is in `op_types`, in graph order."""
+    wanted = set(op_types)
+    return [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain in ("", "ai.onnx") and node.op_type in wanted
+    ]

@@ -1,0 +1,350 @@
+"""Safe ONNX load and save on top of onnx-ir.
+
+`load` refuses anything it cannot trust before reading tensor data: files that are not ONNX,
+truncated or invalid graphs, external data that points outside the model's folder, tensors whose
+declared size does not match the bytes they hold. `save` validates the model on a temporary file
+(onnx.checker full check, then an onnxruntime session) and only then renames it into place, so a
+failed save leaves nothing behind and the input model is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from rewriter.errors import ModelLoadError, ModelSaveError
+from rewriter.shapes import infer_shapes
+
+logger = logging.getLogger(__name__)
+
+#: Protobuf cannot hold more than 2 GiB; above this, tensors go to an external data file.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Above this size the onnxruntime session check on save is skipped (it would map the weights).
+SESSION_CHECK_LIMIT = 4 * 2**30
+#: Keys in `ir.Model.meta` (in-memory only, never serialized).
+META_SOURCE = "onexone.source_path"
+META_DATA_FILES = "onexone.source_data_files"
+META_WARNINGS = "onexone.warnings"
+
+_STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+
+
+def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
+    """Read a model into the IR after checking it is safe and valid; shapes are inferred."""
+    if isinstance(source, onnx.ModelProto):
+        label, proto, base_dir, path = "<ModelProto>", source, None, None
+    elif isinstance(source, (bytes, bytearray)):
+        label, base_dir, path = "<bytes>", None, None
+        proto = _parse(bytes(source), label)
+    else:
+        path = Path(source).expanduser().absolute()
+        label = str(source)
+        _check_readable_file(path, label)
+        base_dir = path.parent
+        proto = _parse(path.read_bytes(), label)
+    _check_is_model(proto, label)
+    data_files = _check_external_data(proto, base_dir, label)
+    _check_tensor_sizes(proto, label)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx raises ValidationError and, for some graphs, others
+        raise ModelLoadError(f"{label}: invalid ONNX graph: {_first_line(exc)}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{label}: cannot read graph: {_first_line(exc)}") from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    model.meta[META_SOURCE] = str(path) if path else None
+    model.meta[META_DATA_FILES] = sorted(data_files)
+    model.meta[META_WARNINGS] = []
+    _infer_or_explain(model, label)
+    return model
+
+
+def _check_readable_file(path: Path, label: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{label}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{label}: not an ONNX model or truncated (protobuf parse failed: {_first_line(exc)})"
+        ) from None
+    return proto
+
+
+def _check_is_model(proto: onnx.ModelProto, label: str) -> None:
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise ModelLoadError(
+            f"{label}: not an ONNX model or truncated (no graph, ir_version or opset_import)"
+        )
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _all_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor in the model with a label saying where it sits (initializer or node)."""
+    for graph in _all_graphs(proto.graph):
+        for init in graph.initializer:
+            yield f"initializer '{init.name}'", init
+        for node in graph.node:
+            for attr in node.attribute:
+                where = f"node '{node.name}' ({node.op_type}) attribute '{attr.name}'"
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield where, attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    for t in attr.tensors:
+                        yield where, t
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> set[str]:
+    """Refuse external data that is absolute or escapes the model's folder, before any read."""
+    files: set[str] = set()
+    for where, tensor in _all_tensor_protos(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if base_dir is None:
+            raise ModelLoadError(
+                f"{label}: {where} uses external data; load the model from its file path"
+            )
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise ModelLoadError(
+                f"{label}: {where} has an absolute or empty external data location {location!r}"
+            )
+        root = base_dir.resolve()
+        target = (base_dir / location).resolve()
+        if root != target and root not in target.parents:
+            raise ModelLoadError(
+                f"{label}: {where} external data {location!r} resolves outside the model's folder"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"{label}: {where} external data file {location!r} is missing")
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        expected = _declared_nbytes(tensor)
+        size = target.stat().st_size
+        if length is not None and expected is not None and int(length) != expected:
+            raise ModelLoadError(
+                f"{label}: {where} declares {expected} bytes but its external data length is "
+                f"{length}"
+            )
+        need = int(length) if length is not None else (expected or 0)
+        if offset < 0 or offset + need > size:
+            raise ModelLoadError(
+                f"{label}: {where} external data {location!r} is shorter than declared "
+                f"(needs bytes {offset}..{offset + need}, file has {size})"
+            )
+        files.add(str(target))
+    return files
+
+
+def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and dtype call for; None for types without a fixed width."""
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except Exception:
+        return None
+    if dtype == np.dtype(object):
+        return None
+    count = int(np.prod([int(d) for d in tensor.dims], dtype=object)) if tensor.dims else 1
+    bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    if tensor.data_type in bits:
+        return (count + 1) // 2
+    return count * dtype.itemsize
+
+
+def _check_tensor_sizes(proto: onnx.ModelProto, label: str) -> None:
+    """A tensor whose dims promise more data than it holds fails here, before any allocation."""
+    for where, tensor in _all_tensor_protos(proto):
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{label}: {where} has a negative dimension {list(tensor.dims)}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        expected = _declared_nbytes(tensor)
+        if expected is None:
+            continue
+        if tensor.HasField("raw_data") or tensor.raw_data:
+            held = len(tensor.raw_data)
+        else:
+            held = _typed_field_nbytes(tensor, expected)
+            if held is None:
+                continue
+        if held != expected:
+            raise ModelLoadError(
+                f"{label}: {where} declares shape {list(tensor.dims)} "
+                f"({expected} bytes) but holds {held} bytes"
+            )
+
+
+def _typed_field_nbytes(tensor: onnx.TensorProto, expected: int) -> int | None:
+    """Bytes held by the typed repeated fields, scaled to the declared element width."""
+    fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+    counts = [len(getattr(tensor, f)) for f in fields]
+    n = max(counts)
+    if n == 0:
+        return 0 if expected else None
+    count = int(np.prod(list(tensor.dims), dtype=object)) if tensor.dims else 1
+    if n == count:
+        return expected
+    # int32_data packs fp16/bf16/int8/... one element per entry; complex types use two.
+    if n == 2 * count and tensor.data_type in (
+        onnx.TensorProto.COMPLEX64,
+        onnx.TensorProto.COMPLEX128,
+    ):
+        return expected
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and n == (count + 1) // 2:
+        return expected
+    return expected * n // max(count, 1) if count else n
+
+
+def _infer_or_explain(model: ir.Model, label: str) -> None:
+    """Shape inference that raises for invalid standard graphs and warns for custom ops."""
+    error = infer_shapes(model, strict=True)
+    if error is None:
+        return
+    if _custom_domains(model):
+        logger.warning("%s: shape inference incomplete (%s)", label, error)
+        model.meta[META_WARNINGS].append(f"shape inference incomplete: {error}")
+        infer_shapes(model, strict=False)
+        return
+    raise ModelLoadError(f"{label}: invalid ONNX graph (shape inference failed: {error})")
+
+
+def _custom_domains(model: ir.Model) -> set[str]:
+    return {
+        node.domain
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain not in _STANDARD_DOMAINS
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:2])[:400]
+
+
+# --------------------------------------------------------------------------------------- save
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Validate the model on a temp file in the target folder, then rename it into place.
+
+    External data is used when the model came with it or is over the protobuf limit; the data
+    file is named after the output (`out.onnx.data`). Returns the absolute output path.
+    """
+    out = Path(path).expanduser().absolute()
+    _refuse_unsafe_target(model, out)
+    if external_data is None:
+        external_data = _has_external_tensors(model) or _initializer_bytes(model) > PROTOBUF_LIMIT
+    data_name = f"{out.name}.data" if external_data else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onexone-", dir=out.parent))
+    try:
+        tmp_model = tmp_dir / out.name
+        try:
+            ir.save(model, tmp_model, external_data=data_name)
+        except Exception as exc:
+            raise ModelSaveError(f"{out}: cannot serialize model: {_first_line(exc)}") from None
+        validate_file(tmp_model, label=str(out), custom_domains=_custom_domains(model))
+        mode = _output_mode(model)
+        if data_name:
+            os.chmod(tmp_dir / data_name, mode)
+            os.replace(tmp_dir / data_name, out.parent / data_name)
+        os.chmod(tmp_model, mode)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out
+
+
+def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = None) -> None:
+    """onnx.checker full check, then an onnxruntime session (skipped above a size limit)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ModelSaveError(f"{label}: rewritten model fails onnx.checker: {_first_line(exc)}") from None
+    total = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    if total > SESSION_CHECK_LIMIT:
+        logger.warning("%s: %d bytes, onnxruntime session check skipped", label, total)
+        return
+    import onnxruntime as ort  # local: keeps `import rewriter` light
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if custom_domains:
+            logger.warning(
+                "%s: onnxruntime cannot load it (custom domains %s); session check skipped",
+                label,
+                sorted(custom_domains),
+            )
+            return
+        raise ModelSaveError(
+            f"{label}: onnxruntime cannot load the rewritten model: {_first_line(exc)}"
+        ) from None
+
+
+def _refuse_unsafe_target(model: ir.Model, out: Path) -> None:
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: output path is a directory")
+    protected = {model.meta.get(META_SOURCE)} | set(model.meta.get(META_DATA_FILES) or [])
+    protected.discard(None)
+    candidates = {out, out.parent / f"{out.name}.data"}
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        for p in protected:
+            if resolved == Path(p).resolve():
+                raise ModelSaveError(
+                    f"{out}: refusing to overwrite the input model or its data file ({p})"
+                )
+
+
+def _output_mode(model: ir.Model) -> int:
+    """The input's permission bits when known (never wider), else the umask default."""
+    source = model.meta.get(META_SOURCE)
+    if source and os.path.exists(source):
+        return os.stat(source).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)

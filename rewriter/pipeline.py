@@ -1,0 +1,221 @@
+"""`rewrite`: run passes in order on a model, with calibration, a numerical guard and a report.
+
+The Python API never prints; progress goes to the optional `log` callback. The output model
+records how it was made in `metadata_props` (no timestamps, so output stays deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter import runtime
+from rewriter.calibration import CalibrationSet, load_calibration, model_input_specs
+from rewriter.context import PassContext
+from rewriter.cost import ModelCost, model_cost
+from rewriter.errors import InternalCheckError, OnexoneError, UsageError
+from rewriter.fidelity import output_fidelity, summarize
+from rewriter.io import META_SOURCE, load
+from rewriter.report import PassReport, RunReport
+from rewriter.shapes import with_input_shapes
+
+#: An "exact" pass may move outputs by float rounding only; more is a bug.
+EXACT_TOLERANCE = 1e-4
+#: Random samples used by the guard when no calibration data is given.
+GUARD_RANDOM_SAMPLES = 2
+
+
+@dataclass
+class PassSpec:
+    """A pass name and its options, as written `name:key=value,key=value`."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options.items())
+        return f"{self.name}:{opts}"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "|".join(map(str, value))
+    return str(value)
+
+
+def parse_pass_spec(text: str | PassSpec | tuple | Mapping) -> PassSpec:
+    """`bottleneck:ratio=0.25,init=whitened` -> PassSpec; lists use `|` (`exclude=a*|b*`)."""
+    if isinstance(text, PassSpec):
+        return text
+    if isinstance(text, tuple):
+        return PassSpec(text[0], dict(text[1]) if len(text) > 1 else {})
+    if isinstance(text, Mapping):
+        spec = dict(text)
+        name = spec.pop("name", None)
+        if not name:
+            raise UsageError(f"pass entry {text!r} has no name")
+        return PassSpec(str(name), spec)
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"--pass {text!r}: missing pass name")
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--pass {text!r}: option {item!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return PassSpec(name, options)
+
+
+@dataclass
+class RewriteResult:
+    """The rewritten model (in memory, not yet saved) and what was done to it."""
+
+    model: ir.Model
+    report: RunReport
+    original: ir.Model
+    calibration: CalibrationSet | None = None
+    holdout: CalibrationSet | None = None
+
+
+def rewrite(
+    model: ir.Model | str | os.PathLike,
+    passes: Sequence[str | PassSpec | tuple | Mapping],
+    *,
+    calib: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    preprocess: str | None = None,
+    holdout: float = 0.25,
+    seed: int = 0,
+    guard: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RewriteResult:
+    """Run `passes` in order on `model` (changed in place and returned in the result)."""
+    from passes import get_pass
+
+    log = log or (lambda message: None)
+    if not isinstance(model, ir.Model):
+        model = load(model)
+    shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    specs = [parse_pass_spec(p) for p in passes]
+    pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+
+    original = model.clone()
+    report = RunReport(model=model.meta.get(META_SOURCE))
+    report.options = {
+        "passes": [str(s) for s in specs],
+        "calib": None if calib is None or isinstance(calib, (Mapping, CalibrationSet)) else str(calib),
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "holdout": holdout,
+        "seed": seed,
+    }
+    report.warnings.extend(model.meta.get("onexone.warnings") or [])
+    before = analysis_cost(model, shapes)
+    report.macs_before, report.params_before = before.macs, before.params
+
+    context = PassContext(input_shapes=shapes, seed=seed, log=log)
+    data = None
+    if calib is not None:
+        data = load_calibration(calib, model, input_shapes=shapes, preprocess=preprocess, seed=seed)
+        context.fit, context.holdout = data.split(holdout, seed)
+        if data.synthetic:
+            report.warnings.append(
+                "calibration data is random: data-aware results mean little, fidelity is a smoke test"
+            )
+        log(f"calibration: {data.n} samples from {data.source} "
+            f"({context.fit.n} fit, {context.holdout.n} held out)")
+
+    guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
+    reference = runtime.run_all(model, guard_inputs) if guard_inputs else None
+    for spec, pass_type in zip(specs, pass_types):
+        log(f"pass {spec}")
+        instance = pass_type(spec.options, context)
+        instance(model)
+        report.passes.append(instance.report)
+        if reference is not None and instance.report.n_applied:
+            reference = _check_pass(model, instance.report, reference, guard_inputs)
+    _record_provenance(model, specs)
+
+    after = analysis_cost(model, shapes)
+    report.macs_after, report.params_after = after.macs, after.params
+    if context.holdout is not None and report.passes:
+        report.fidelity = measure_fidelity(original, model, context.holdout)
+    return RewriteResult(model, report, original, context.fit, context.holdout)
+
+
+def analysis_cost(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:
+    """Model cost on a copy with dynamic input dims fixed (batch 1 unless given)."""
+    return model_cost(with_input_shapes(model, input_shapes or {}))
+
+
+def measure_fidelity(original: ir.Model, rewritten: ir.Model, data: CalibrationSet) -> dict[str, Any]:
+    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
+    ref = runtime.run_all(original, data.inputs)
+    got = runtime.run_all(rewritten, data.inputs)
+    result = output_fidelity(ref, got, data.labels)
+    result["samples"] = data.n
+    result["synthetic"] = data.synthetic
+    return result
+
+
+def _guard_inputs(
+    model: ir.Model, context: PassContext, shapes: Mapping[str, tuple[int, ...]], seed: int
+) -> dict[str, np.ndarray] | None:
+    """Held-out samples when given, else a few seeded random ones when input shapes are static."""
+    if context.holdout is not None:
+        return context.holdout.inputs
+    rng = np.random.default_rng(seed + 1)
+    feeds = {}
+    for s in model_input_specs(model):
+        dims = list(shapes.get(s.name) or s.shape)
+        if dims and dims[0] is None:
+            dims[0] = 1
+        if any(d is None for d in dims) or not np.issubdtype(s.dtype, np.floating):
+            return None
+        dims = [GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims
+        feeds[s.name] = rng.standard_normal(dims).astype(s.dtype)
+    return feeds
+
+
+def _check_pass(
+    model: ir.Model, report: PassReport, reference: dict[str, np.ndarray], inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Fail loudly when a pass moved outputs beyond its own declared bound."""
+    try:
+        outputs = runtime.run_all(model, inputs)
+    except OnexoneError as exc:
+        raise InternalCheckError(f"pass '{report.name}' produced a model onnxruntime cannot run: {exc}") from None
+    bound = EXACT_TOLERANCE if report.exact else report.error_bound
+    per_output = {}
+    for name, ref in reference.items():
+        got = outputs[name]
+        if ref.shape != got.shape:
+            raise InternalCheckError(
+                f"pass '{report.name}' changed output '{name}' shape {ref.shape} -> {got.shape}"
+            )
+        from rewriter.fidelity import compare_arrays
+
+        per_output[name] = compare_arrays(ref, got)
+    worst = summarize(per_output)
+    report.metrics["guard_rel_l2"] = worst.get("rel_l2")
+    if bound is not None and worst.get("rel_l2", 0.0) > bound:
+        raise InternalCheckError(
+            f"pass '{report.name}' declared output error <= {bound:g} but moved outputs by "
+            f"rel L2 {worst['rel_l2']:.3g}; its output is discarded"
+        )
+    return outputs
+
+
+def _record_provenance(model: ir.Model, specs: Sequence[PassSpec]) -> None:
+    from rewriter import __version__
+
+    model.metadata_props["onexone.version"] = __version__
+    model.metadata_props["onexone.passes"] = " ".join(str(s) for s in specs)

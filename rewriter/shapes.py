@@ -1,0 +1,140 @@
+"""Shape helpers written once: inference on the IR, static-shape reads, fixing dynamic inputs.
+
+Inference runs onnx's C++ shape inference on a weightless copy of the graph structure (large
+initializers become typed inputs), so it works for models past the 2 GB protobuf limit and never
+copies the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import onnx
+import onnx_ir as ir
+
+_SMALL_TENSOR_BYTES = 1024  # shape-like constants stay in so data propagation can read them
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape as ints, or None when unknown or partly symbolic."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for dim in value.shape:
+        if not isinstance(dim, int) or dim < 0:
+            return None
+        dims.append(dim)
+    return tuple(dims)
+
+
+def infer_shapes(model: ir.Model, *, strict: bool = True, keep_outputs: bool = True) -> str | None:
+    """Re-infer every intermediate shape in place (stale ones cleared first).
+
+    Graph inputs and outputs keep their declared shapes, so dynamic dims stay symbolic
+    (`keep_outputs=False` re-infers outputs too: for analysis copies with fixed inputs).
+    Returns None on success or the inference error message (the model keeps no stale shapes).
+    """
+    for graph in model.graphs():
+        interface = set(graph.inputs) | set(graph.initializers.values())
+        if keep_outputs:
+            interface |= set(graph.outputs)
+        for node in graph:
+            for value in node.outputs:
+                if value not in interface:
+                    value.shape = None
+    with _weightless(model):
+        proto = ir.serde.serialize_model(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=True, strict_mode=strict, data_prop=True
+        )
+    except Exception as exc:
+        return " ".join(str(exc).split())[:400] or type(exc).__name__
+    _merge_inferred(model, ir.serde.deserialize_model(inferred))
+    return None
+
+
+@contextlib.contextmanager
+def _weightless(model: ir.Model) -> Iterator[None]:
+    """Temporarily turn large initializers into typed graph inputs (restored on exit)."""
+    graph = model.graph
+    moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    n_inputs = len(graph.inputs)
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= _SMALL_TENSOR_BYTES:
+            continue
+        if value.shape is None:
+            value.shape = tensor.shape
+        if value.dtype is None:
+            value.dtype = tensor.dtype
+        moved.append((value, tensor))
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        if value not in graph.inputs:
+            graph.inputs.append(value)
+    try:
+        yield
+    finally:
+        del graph.inputs[n_inputs:]
+        for value, tensor in moved:
+            value.const_value = tensor
+            graph.register_initializer(value)
+
+
+def _merge_inferred(model: ir.Model, inferred: ir.Model) -> None:
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = found.get(name)
+            if new is None:
+                continue
+            if new.shape is not None and (
+                value.shape is None or (_is_static(new.shape) and not _is_static(value.shape))
+            ):
+                value.shape = new.shape
+            if new.dtype is not None and value.dtype is None:
+                value.dtype = new.dtype
+
+
+def _is_static(shape: ir.Shape | Sequence) -> bool:
+    return all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """`name:1,3,224,224` strings (CLI --input-shape) to a dict."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"--input-shape {spec!r}: expected NAME:D1,D2,...")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise ValueError(f"--input-shape {spec!r}: dims must be integers") from None
+    return shapes
+
+
+def with_input_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> ir.Model:
+    """A copy of the model with input dims fixed, for analysis and benchmarks only.
+
+    Symbolic dims not named in `shapes` stay symbolic, except a leading batch dim which becomes 1
+    (costs are reported per sample). The original model is never frozen.
+    """
+    clone = model.clone()
+    by_name = {v.name: v for v in clone.graph.inputs}
+    unknown = set(shapes) - set(by_name)
+    if unknown:
+        raise ValueError(f"--input-shape names unknown inputs {sorted(unknown)}; "
+                         f"model inputs are {sorted(by_name)}")
+    initializers = set(clone.graph.initializers)
+    for value in clone.graph.inputs:
+        if value.name in initializers:
+            continue
+        if value.name in shapes:
+            value.shape = ir.Shape(list(shapes[value.name]))
+        elif value.shape is not None and len(value.shape) > 0 and not _is_static(value.shape[:1]):
+            value.shape = ir.Shape([1, *value.shape[1:]])
+    infer_shapes(clone, strict=False, keep_outputs=False)
+    return clone
