@@ -65,12 +65,14 @@ def export_module(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = example if isinstance(example, tuple) else (example,)
+    axes = {name: dict(dims) for name, dims in dynamic_axes.items()} if dynamic_axes else None
     was_training = module.training
     module.eval()
     try:
         with warnings.catch_warnings():
             # The legacy exporter is the deliberate choice here; silence its deprecation notice.
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             torch.onnx.export(
                 module,
                 args,
@@ -79,7 +81,7 @@ def export_module(
                 opset_version=opset,
                 input_names=list(input_names),
                 output_names=list(output_names),
-                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()} if dynamic_axes else None,
+                dynamic_axes=axes,
                 do_constant_folding=do_constant_folding,
             )
     finally:

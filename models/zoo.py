@@ -409,13 +409,14 @@ def calibrate_batchnorm(
     batchnorms = list(_batchnorms(model))
     if not batchnorms:
         return
+    model.eval()  # only BN trains: dropout would draw from (and advance) the global RNG
     for bn in batchnorms:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average: one batch sets the stats exactly
+        bn.train()
     x = torch.randn((batch, *shape[1:]), generator=generator)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # multi-threaded reductions vary in the last bits with thread count
-    model.train()
     try:
         with torch.no_grad():
             model(x)

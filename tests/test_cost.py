@@ -96,7 +96,9 @@ def test_round_rank():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, published",
-    [("resnet50", 4.1e9), ("vgg16", 15.5e9), ("googlenet", 1.5e9)],
+    # GoogLeNet is the paper's (5x5 reduce branch): its Table 1 sums to 1,586M multiply-adds,
+    # which the paper's text rounds to "1.5 billion"; torchvision's 3x3 variant is the 1.50G one.
+    [("resnet50", 4.1e9), ("vgg16", 15.5e9), ("googlenet", 1.586e9)],
 )
 def test_zoo_totals_match_published_counts(zoo, name, published):
     macs = rewriter.analyze(rewriter.load(zoo(name))).total_macs
