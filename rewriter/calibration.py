@@ -177,3 +177,16 @@ def _check_against_model(data: CalibrationSet, specs: list[InputSpec]) -> None:
         raise CalibrationError(
             f"--calib {data.source}: {len(data.labels)} labels for {data.n} samples"
         )
+
+
+def data_input_shapes(model: ir.Model, data: CalibrationSet) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes (batch 1) for inputs whose non-batch dims are dynamic, read off the data.
+
+    Lets analysis and benchmarks of e.g. a detector with dynamic H and W use the sizes of the
+    calibration images without the user repeating them in --input-shape.
+    """
+    shapes = {}
+    for s in model_input_specs(model):
+        if any(d is None for d in s.shape[1:]) and s.name in data.inputs:
+            shapes[s.name] = (1, *data.inputs[s.name].shape[1:])
+    return shapes

@@ -38,4 +38,6 @@ class PassContext:
         data = self.fit if split == "fit" else self.holdout
         if data is None:
             raise ValueError("no calibration data: pass --calib")
-        return runtime.capture(model, names, data.inputs, self.batch_size)
+        return runtime.capture(
+            model, names, data.inputs, self.batch_size, label=f"calibration ({split})"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
+from rewriter.calibration import data_input_shapes, load_calibration
+from rewriter.errors import InternalCheckError
 from rewriter.gates import evaluate_gates
 from rewriter.io import META_SOURCE, save
-from rewriter.pipeline import rewrite
+from rewriter.pipeline import RewriteResult, rewrite
 from rewriter.render import print_run_report
 
 EXIT_OK, EXIT_GATE = 0, 3
@@ -31,31 +34,26 @@ def default_output(model_path: str) -> Path:
 
 
 def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Console) -> int:
+    from rewriter.progress import show_progress
+
     started = time.perf_counter()
-    result = rewrite(
-        model,
-        args.passes,
-        calib=args.calib,
-        input_shapes=shapes,
-        preprocess=args.preprocess,
-        holdout=args.holdout,
-        seed=args.seed,
-        log=lambda message: console.print(f"[dim]{message}[/dim]") if not args.json else None,
-    )
-    report = result.report
+    with show_progress(console):
+        result, shapes = _rewrite(model, shapes, args, console)
+        report = result.report
+        _refuse_discarded(result, args)
+        if args.bench:
+            from rewriter.bench import benchmark_models
+
+            report.latency = benchmark_models(
+                result.original, result.model, shapes, threads=args.threads,
+                batches=args.batch or [1], data=result.holdout, seed=args.seed,
+            )
     source = model.meta.get(META_SOURCE)
     if source:
         report.file_size_before = Path(source).stat().st_size
-    if args.bench:
-        from rewriter.bench import benchmark_models
-
-        report.latency = benchmark_models(
-            result.original, result.model, shapes, threads=args.threads,
-            batches=args.batch or [1], data=result.holdout,
-        )
     report.gates = evaluate_gates(report, args.max_drop, args.min_cosine, args.min_speedup)
     failed = [g for g in report.gates if not g["passed"]]
-    report.tool = {"wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
+    report.options.update(_cli_options(args))
 
     output = None if args.dry_run else Path(args.output) if args.output else default_output(args.model)
     if output is not None and (not failed or args.keep_failed):
@@ -67,14 +65,70 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
     elif output is not None:
         report.output = str(output)
         report.warnings.append(f"quality gate failed: {output} not written (use --keep-failed)")
+    report.tool = {"wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
+    if args.plot:
+        from rewriter.plot import write_plot
+
+        write_plot(report, result.original, result.model, shapes, Path(args.plot))
     for path in args.report:
         write_report(report, Path(path))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     print_run_report(report, console)
     if args.dry_run:
-        console.print("dry run: nothing written")
+        console.print("dry run: no model written")
     elif report.written:
         console.print(f"wrote {report.output}")
     return EXIT_GATE if failed else EXIT_OK
+
+
+def _rewrite(
+    model: ir.Model, shapes: dict, args: argparse.Namespace, console: Console
+) -> tuple[RewriteResult, dict]:
+    """Load calibration once, fix dynamic dims from its samples, then run the passes."""
+    calib: Any = args.calib
+    if calib is not None:
+        calib = load_calibration(
+            calib, model, input_shapes=shapes, preprocess=args.preprocess, seed=args.seed
+        )
+        shapes = {**data_input_shapes(model, calib), **shapes}
+    result = rewrite(
+        model,
+        args.passes,
+        calib=calib,
+        input_shapes=shapes,
+        holdout=args.holdout,
+        seed=args.seed,
+        distill=getattr(args, "distill", None),
+        log=lambda message: console.print(f"[dim]{message}[/dim]"),
+    )
+    result.report.options["calib"] = args.calib
+    return result, shapes
+
+
+def _cli_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the command line asked for beyond the passes (recorded in the report's options)."""
+    return {
+        "preprocess": args.preprocess,
+        "bench": bool(args.bench),
+        "threads": args.threads,
+        "batch": list(args.batch or [1]),
+        "gates": {"max_drop": args.max_drop, "min_cosine": args.min_cosine,
+                  "min_speedup": args.min_speedup},
+        "keep_failed": bool(args.keep_failed),
+        "dry_run": bool(args.dry_run),
+        "config": args.config,
+    }
+
+
+def _refuse_discarded(result: RewriteResult, args: argparse.Namespace) -> None:
+    """A pass the numerical guard caught is a bug: write the reports, no model, exit 1."""
+    if not result.discarded:
+        return
+    for path in args.report:
+        write_report(result.report, Path(path))
+    more = f" (and {len(result.discarded) - 1} more)" if len(result.discarded) > 1 else ""
+    raise InternalCheckError(f"{result.discarded[0]}{more}; nothing written")
 
 
 def write_report(report: Any, path: Path) -> None:

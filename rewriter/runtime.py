@@ -33,10 +33,19 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
 
 
 def make_session(
-    model: ir.Model, *, threads: int | None = None, optimize: bool = True
+    model: ir.Model,
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an in-memory IR model (big models go via a temp file)."""
+    """An onnxruntime CPU session for an in-memory IR model (big models go via a temp file).
+
+    `config` adds session config entries (e.g. `session.intra_op.allow_spinning`).
+    """
     options = session_options(threads, optimize)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     weights = sum(
         v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
@@ -82,18 +91,47 @@ def iter_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[
         yield {k: v[start : start + batch_size] for k, v in inputs.items()}
 
 
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size the model's inputs fix (a static leading dim), or None when it is free."""
+    for meta in session.get_inputs():
+        if meta.shape and isinstance(meta.shape[0], int) and meta.shape[0] > 0:
+            return meta.shape[0]
+    return None
+
+
 def run_batched(
     session: ort.InferenceSession,
     inputs: Mapping[str, np.ndarray],
     output_names: Sequence[str] | None = None,
     batch_size: int = 32,
+    label: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {output name: array} per batch; only the session's declared inputs are fed."""
+    """Yield {output name: array} per batch; only the session's declared inputs are fed.
+
+    A model exported with a fixed batch (often 1) still takes a calibration set of any size: it
+    runs in batches of its own size, the last one padded by repeating samples and trimmed after.
+    `label` shows a progress bar when the CLI enabled them (see `rewriter.progress`).
+    """
+    from rewriter.progress import track
+
     feeds_wanted = {i.name for i in session.get_inputs()}
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    for batch in iter_batches(inputs, batch_size):
+    fixed = fixed_batch(session)
+    size = fixed or batch_size
+    n = len(next(iter(inputs.values()))) if inputs else 0
+    batches = iter_batches(inputs, size)
+    if label:
+        batches = track(batches, label, total=-(-n // size))
+    for batch in batches:
         feed = {k: v for k, v in batch.items() if k in feeds_wanted}
-        yield dict(zip(names, session.run(names, feed)))
+        real = len(next(iter(feed.values()))) if feed else size
+        if fixed and real < fixed:
+            pad = fixed - real
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
+        out = dict(zip(names, session.run(names, feed), strict=True))
+        if fixed and real < fixed:
+            out = {k: v[:real] if v.ndim and v.shape[0] == fixed else v for k, v in out.items()}
+        yield out
 
 
 def capture(
@@ -101,10 +139,11 @@ def capture(
     names: Sequence[str],
     inputs: Mapping[str, np.ndarray],
     batch_size: int = 32,
+    label: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` exposing the named intermediate values; yields one dict per batch."""
     session = make_session(with_outputs(model, names), optimize=False)
-    yield from run_batched(session, inputs, names, batch_size)
+    yield from run_batched(session, inputs, names, batch_size, label)
 
 
 def run_all(model: ir.Model, inputs: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
