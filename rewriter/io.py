@@ -55,7 +55,9 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
     data_files = _check_external_data(proto, base_dir, label)
     _check_tensor_sizes(proto, label)
     try:
-        onnx.checker.check_model(proto)
+        # The checker resolves external-data locations against the model's folder only when it
+        # is given the path (from a proto it would look in the working directory).
+        onnx.checker.check_model(str(path) if data_files else proto)
     except Exception as exc:  # onnx raises ValidationError and, for some graphs, others
         raise ModelLoadError(f"{label}: invalid ONNX graph: {_first_line(exc)}") from None
     try:
@@ -68,6 +70,9 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
     model.meta[META_DATA_FILES] = sorted(data_files)
     model.meta[META_WARNINGS] = []
     _infer_or_explain(model, label)
+    problem = conv_weight_problem(model)
+    if problem:
+        raise ModelLoadError(f"{label}: {problem}")
     return model
 
 
@@ -76,8 +81,14 @@ def _check_readable_file(path: Path, label: str) -> None:
         raise ModelLoadError(f"{label}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+    if size > PROTOBUF_LIMIT:  # refused before reading: protobuf cannot parse it anyway
+        raise ModelLoadError(
+            f"{label}: {size / 2**30:.1f} GiB file is over protobuf's 2 GiB limit, so not a "
+            "valid ONNX file (models this large keep their weights in external data)"
+        )
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -145,6 +156,11 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
         if root != target and root not in target.parents:
             raise ModelLoadError(
                 f"{label}: {where} external data {location!r} resolves outside the model's folder"
+            )
+        if (base_dir / location).is_symlink():
+            raise ModelLoadError(
+                f"{label}: {where} external data {location!r} is a symbolic link (onnx refuses "
+                "links; copy the file next to the model)"
             )
         if not target.is_file():
             raise ModelLoadError(f"{label}: {where} external data file {location!r} is missing")
@@ -220,7 +236,8 @@ def _typed_field_nbytes(tensor: onnx.TensorProto, expected: int) -> int | None:
         onnx.TensorProto.COMPLEX128,
     ):
         return expected
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and n == (count + 1) // 2:
+    four_bit = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    if tensor.data_type in four_bit and n == (count + 1) // 2:
         return expected
     return expected * n // max(count, 1) if count else n
 
@@ -236,6 +253,52 @@ def _infer_or_explain(model: ir.Model, label: str) -> None:
         infer_shapes(model, strict=False)
         return
     raise ModelLoadError(f"{label}: invalid ONNX graph (shape inference failed: {error})")
+
+
+def conv_weight_problem(model: ir.Model) -> str | None:
+    """Why a Conv's weight or bias does not fit its input, or None. onnx's shape inference and
+    onnxruntime's session creation both accept a channel mismatch and only fail when run."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        w_shape = _known_dims(w)
+        if w_shape is None or x is None:
+            continue
+        where = f"node '{node.name}' (Conv) weight '{w.name}' shape {list(w_shape)}"
+        group = node.attributes.get_int("group", 1)
+        x_shape = _known_dims(x, partial=True)
+        if x_shape is not None and len(x_shape) != len(w_shape):
+            return f"{where} does not match input '{x.name}' of rank {len(x_shape)}"
+        if group < 1 or (w_shape and w_shape[0] % group):
+            return f"{where} cannot be split into group={group}"
+        channels = x_shape[1] if x_shape is not None and len(x_shape) > 1 else None
+        if isinstance(channels, int) and channels != w_shape[1] * group:
+            return (f"{where} needs {w_shape[1] * group} input channels but input '{x.name}' "
+                    f"has {channels}")
+        kernel = node.attributes.get_ints("kernel_shape", None)
+        if kernel is not None and tuple(kernel) != tuple(w_shape[2:]):
+            return f"{where} does not match kernel_shape {list(kernel)}"
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        b_shape = _known_dims(bias) if bias is not None else None
+        if b_shape is not None and b_shape != (w_shape[0],):
+            return (f"{where} has {w_shape[0]} filters but bias '{bias.name}' has shape "
+                    f"{list(b_shape)}")
+    return None
+
+
+def _known_dims(value: ir.Value | None, *, partial: bool = False) -> tuple | None:
+    """Static dims of a value (its constant's when it has one); with `partial`, symbolic dims
+    come back as None entries instead of making the whole shape unknown."""
+    if value is None:
+        return None
+    shape = value.const_value.shape if value.const_value is not None else value.shape
+    if shape is None:
+        return None
+    dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
+    if not partial and None in dims:
+        return None
+    return dims
 
 
 def _custom_domains(model: ir.Model) -> set[str]:
@@ -263,6 +326,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     """
     out = Path(path).expanduser().absolute()
     _refuse_unsafe_target(model, out)
+    problem = conv_weight_problem(model)
+    if problem:
+        raise ModelSaveError(f"{out}: rewritten model is invalid: {problem}")
     if external_data is None:
         external_data = _has_external_tensors(model) or _initializer_bytes(model) > PROTOBUF_LIMIT
     data_name = f"{out.name}.data" if external_data else None
@@ -291,7 +357,9 @@ def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = N
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ModelSaveError(f"{label}: rewritten model fails onnx.checker: {_first_line(exc)}") from None
+        raise ModelSaveError(
+            f"{label}: rewritten model fails onnx.checker: {_first_line(exc)}"
+        ) from None
     total = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
     if total > SESSION_CHECK_LIMIT:
         logger.warning("%s: %d bytes, onnxruntime session check skipped", label, total)

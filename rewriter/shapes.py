@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import onnx
 import onnx_ir as ir
 
+from rewriter.errors import UsageError
+
 _SMALL_TENSOR_BYTES = 1024  # shape-like constants stay in so data propagation can read them
 
 
@@ -61,6 +63,7 @@ def _weightless(model: ir.Model) -> Iterator[None]:
     graph = model.graph
     moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
     n_inputs = len(graph.inputs)
+    order = list(graph.initializers.values())
     for value in list(graph.initializers.values()):
         tensor = value.const_value
         if tensor is None or tensor.nbytes <= _SMALL_TENSOR_BYTES:
@@ -77,14 +80,19 @@ def _weightless(model: ir.Model) -> Iterator[None]:
     try:
         yield
     finally:
-        del graph.inputs[n_inputs:]
+        while len(graph.inputs) > n_inputs:  # pop() clears is_graph_input; del would not
+            graph.inputs.pop()
         for value, tensor in moved:
             value.const_value = tensor
-            graph.register_initializer(value)
+        if moved:  # re-register every initializer in its original order (saved files stay put)
+            for value in order:
+                graph.initializers.pop(value.name, None)
+            for value in order:
+                graph.register_initializer(value)
 
 
 def _merge_inferred(model: ir.Model, inferred: ir.Model) -> None:
-    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
         found = ir.convenience.create_value_mapping(inferred_graph)
         for name, value in ir.convenience.create_value_mapping(graph).items():
             new = found.get(name)
@@ -100,6 +108,20 @@ def _merge_inferred(model: ir.Model, inferred: ir.Model) -> None:
 
 def _is_static(shape: ir.Shape | Sequence) -> bool:
     return all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def _check_fits(value: ir.Value, dims: Sequence[int]) -> None:
+    """A fixed shape must keep the input's rank and its static dims (else analysis is junk)."""
+    if value.shape is None:
+        return
+    declared = list(value.shape)
+    if len(declared) != len(dims):
+        raise UsageError(f"--input-shape {value.name}: {len(dims)} dims given, the input has "
+                         f"{len(declared)} ({[str(d) for d in declared]})")
+    for axis, (have, want) in enumerate(zip(declared, dims, strict=True)):
+        if isinstance(have, int) and have >= 0 and have != want:
+            raise UsageError(f"--input-shape {value.name}: dim {axis} is fixed to {have} in the "
+                             f"model, not {want}")
 
 
 def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -126,13 +148,14 @@ def with_input_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> i
     by_name = {v.name: v for v in clone.graph.inputs}
     unknown = set(shapes) - set(by_name)
     if unknown:
-        raise ValueError(f"--input-shape names unknown inputs {sorted(unknown)}; "
+        raise UsageError(f"--input-shape names unknown inputs {sorted(unknown)}; "
                          f"model inputs are {sorted(by_name)}")
     initializers = set(clone.graph.initializers)
     for value in clone.graph.inputs:
         if value.name in initializers:
             continue
         if value.name in shapes:
+            _check_fits(value, shapes[value.name])
             value.shape = ir.Shape(list(shapes[value.name]))
         elif value.shape is not None and len(value.shape) > 0 and not _is_static(value.shape[:1]):
             value.shape = ir.Shape([1, *value.shape[1:]])
