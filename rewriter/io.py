@@ -9,12 +9,14 @@ failed save leaves nothing behind and the input model is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -337,7 +339,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     try:
         tmp_model = tmp_dir / out.name
         try:
-            ir.save(model, tmp_model, external_data=data_name)
+            with _no_initializer_value_info(model):
+                ir.save(model, tmp_model, external_data=data_name)
         except Exception as exc:
             raise ModelSaveError(f"{out}: cannot serialize model: {_first_line(exc)}") from None
         validate_file(tmp_model, label=str(out), custom_domains=_custom_domains(model))
@@ -350,6 +353,27 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _no_initializer_value_info(model: ir.Model) -> Iterator[None]:
+    """Serialize initializers without a value_info entry (their tensor already says it all).
+
+    onnx-ir writes one for every typed initializer; tools that rewrite weights afterwards
+    (onnxruntime's quantizer transposes Gemm weights) then trip over the stale entry.
+    """
+    saved: list[tuple[ir.Value, Any, Any]] = []
+    for graph in model.graphs():
+        inputs = set(graph.inputs)
+        for value in graph.initializers.values():
+            if value not in inputs and value.const_value is not None:
+                saved.append((value, value.shape, value.type))
+                value.shape, value.type = None, None
+    try:
+        yield
+    finally:
+        for value, shape, type_ in saved:
+            value.type, value.shape = type_, shape
 
 
 def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = None) -> None:

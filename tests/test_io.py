@@ -196,3 +196,19 @@ def test_load_accepts_bytes_and_proto(tmp_path):
     for source in (proto, proto.SerializeToString()):
         written = rewriter.save(rewriter.load(source), tmp_path / "m.onnx")
         assert_same_structure(proto, onnx.load(str(written)))
+
+
+def test_saved_initializers_carry_no_stale_value_info(tmp_path):
+    """Tools that rewrite weights after us (onnxruntime's int8 quantizer) must not trip over
+    value_info entries for initializers: a plain round trip writes none."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from tests.conftest import TRAINED
+
+    out = tmp_path / "digits.onnx"
+    rewriter.save(rewriter.load(TRAINED / "digits_cnn.onnx"), out)
+    proto = onnx.load(str(out))
+    initializers = {t.name for t in proto.graph.initializer}
+    assert not [v.name for v in proto.graph.value_info if v.name in initializers]
+    quantize_dynamic(str(out), str(tmp_path / "digits.int8.onnx"))
+    onnx.checker.check_model(str(tmp_path / "digits.int8.onnx"), full_check=True)
