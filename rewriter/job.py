@@ -17,7 +17,6 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from rewriter.calibration import data_input_shapes, load_calibration
 from rewriter.errors import InternalCheckError
 from rewriter.gates import evaluate_gates
 from rewriter.io import META_SOURCE, save
@@ -85,25 +84,19 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
 def _rewrite(
     model: ir.Model, shapes: dict, args: argparse.Namespace, console: Console
 ) -> tuple[RewriteResult, dict]:
-    """Load calibration once, fix dynamic dims from its samples, then run the passes."""
-    calib: Any = args.calib
-    if calib is not None:
-        calib = load_calibration(
-            calib, model, input_shapes=shapes, preprocess=args.preprocess, seed=args.seed
-        )
-        shapes = {**data_input_shapes(model, calib), **shapes}
+    """Run the passes; dynamic dims are filled from the calibration samples by `rewrite`."""
     result = rewrite(
         model,
         args.passes,
-        calib=calib,
+        calib=args.calib,
         input_shapes=shapes,
+        preprocess=args.preprocess,
         holdout=args.holdout,
         seed=args.seed,
         distill=getattr(args, "distill", None),
         log=lambda message: console.print(f"[dim]{message}[/dim]"),
     )
-    result.report.options["calib"] = args.calib
-    return result, shapes
+    return result, result.input_shapes
 
 
 def _cli_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,12 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
-from rewriter.calibration import CalibrationSet, load_calibration, model_input_specs
+from rewriter.calibration import (
+    CalibrationSet,
+    data_input_shapes,
+    load_calibration,
+    model_input_specs,
+)
 from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
 from rewriter.errors import InternalCheckError, UsageError
@@ -90,6 +95,8 @@ class RewriteResult:
     #: One message per pass whose output the numerical guard discarded (a bug in that pass:
     #: the model went on without it). The CLI writes nothing and exits 1 when this is not empty.
     discarded: list[str] = field(default_factory=list)
+    #: Input shapes used for analysis and benchmarks (given, or read off the calibration data).
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def rewrite(
@@ -119,6 +126,11 @@ def rewrite(
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
 
+    data = None
+    if calib is not None:
+        data = load_calibration(calib, model, input_shapes=shapes, preprocess=preprocess, seed=seed)
+        shapes = {**data_input_shapes(model, data), **shapes}  # dynamic dims read off the data
+
     original = model.clone()
     report = RunReport(model=model.meta.get(META_SOURCE))
     report.options = {
@@ -133,9 +145,7 @@ def rewrite(
     report.macs_before, report.params_before = before.macs, before.params
 
     context = PassContext(input_shapes=shapes, seed=seed, log=log)
-    data = None
-    if calib is not None:
-        data = load_calibration(calib, model, input_shapes=shapes, preprocess=preprocess, seed=seed)
+    if data is not None:
         context.fit, context.holdout = data.split(holdout, seed)
         if data.synthetic:
             report.warnings.append(
@@ -172,7 +182,9 @@ def rewrite(
     report.macs_after, report.params_after = after.macs, after.params
     if context.holdout is not None and report.passes:
         report.fidelity = measure_fidelity(original, model, context.holdout)
-    return RewriteResult(model, report, original, context.fit, context.holdout, discarded)
+    return RewriteResult(
+        model, report, original, context.fit, context.holdout, discarded, shapes
+    )
 
 
 def analysis_cost(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:

@@ -466,3 +466,18 @@ def test_bottleneck_with_gates_through_installed_script(tmp_path):
     data = json.loads(rj.read_text())
     assert data["macs_after"] < data["macs_before"]
     assert data["passes"][0]["applied"] == 1
+
+
+def test_python_api_reads_dynamic_dims_off_the_calibration_data():
+    """A model with dynamic H, W gets real MACs from `rewrite(calib=...)`, not only via the CLI."""
+    import numpy as np
+
+    from tests.builders import conv_model
+
+    model = rewriter.load(conv_model(["N", 16, "H", "W"], 16, [3, 3], pads=[1, 1, 1, 1]))
+    calib = {"x": np.random.default_rng(0).standard_normal((4, 16, 8, 8)).astype(np.float32)}
+    result = rewriter.rewrite(model, ["cleanup"], calib=calib)
+    assert result.input_shapes == {"x": (1, 16, 8, 8)}
+    assert result.report.macs_before >= 8 * 8 * 16 * 16 * 9
+    out = model.graph.inputs[0].shape
+    assert not isinstance(out[2], int) and not isinstance(out[3], int)  # never frozen
