@@ -1,0 +1,360 @@
+"""The `bottleneck` pass: exactness at the weight's rank, textbook MACs, skips, shared and
+Constant weights, merge, Tucker-2, float16, data-aware inits on the trained digits model, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter import load, runtime
+from rewriter.calibration import CalibrationSet
+from rewriter.errors import PassError
+from rewriter.pipeline import rewrite
+from tests.builders import conv_model, make_model
+from tests.conftest import TRAINED, ort_run
+from tests.passcheck import checked_proto
+
+RANK = 8
+
+
+def _low_rank(rng, o: int, c: int, kernel, rank: int) -> np.ndarray:
+    """A kernel of exactly `rank` along its input channels, so rank-r factors are exact."""
+    k = int(np.prod(kernel))
+    w = np.einsum("ork,rc->ock", rng.standard_normal((o, rank, k)), rng.standard_normal((rank, c)))
+    return (0.1 * w).reshape(o, c, *kernel).astype(np.float32)
+
+
+def _with_weight(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(array, name))
+    return model
+
+
+def _outputs(proto: onnx.ModelProto, feeds) -> list[np.ndarray]:
+    return ort_run(proto.SerializeToString(), feeds)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(a))
+
+
+def _decision(result, name: str | None = None):
+    decisions = result.report.passes[0].decisions
+    return decisions[0] if name is None else next(d for d in decisions if d.node == name)
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+GEOMETRIES = {
+    "stride2": ([2, 32, 12, 13], [3, 3], {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "dilation": ([2, 32, 12, 13], [3, 3], {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+    "asymmetric_pads": ([2, 32, 12, 13], [3, 3], {"pads": [0, 1, 2, 1]}),
+    "same_upper_stride2": ([2, 32, 12, 13], [3, 2], {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    "valid": ([2, 32, 12, 13], [5, 5], {"auto_pad": "VALID"}),
+    "no_bias": ([2, 32, 12, 13], [3, 3], {"pads": [1, 1, 1, 1], "bias": False}),
+    "conv1d": ([2, 32, 40], [5], {"strides": [2], "pads": [2, 1]}),
+    "conv3d": ([1, 32, 6, 7, 8], [3, 3, 3], {"pads": [1, 1, 1, 1, 1, 1]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEOMETRIES))
+def test_rank_of_the_weight_reproduces_outputs(case):
+    shape, kernel, attrs = GEOMETRIES[case]
+    attrs = dict(attrs)
+    bias = attrs.pop("bias", True)
+    proto = conv_model(shape, 24, kernel, bias=bias, **attrs)
+    proto = _with_weight(proto, "W", _low_rank(np.random.default_rng(1), 24, 32, kernel, RANK))
+    result = rewrite(load(proto), [f"bottleneck:rank={RANK}"])
+    decision = _decision(result)
+    assert decision.applied and decision.details["rank"] == RANK
+    assert decision.macs_after < decision.macs_before
+    out = checked_proto(result.model)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Conv"]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-5
+
+
+def test_inception_3a_5x5_branch_textbook_macs():
+    proto = conv_model([1, 256, 28, 28], 32, [5, 5], pads=[2, 2, 2, 2])
+    for rounding in (1, 8):
+        result = rewrite(load(proto), [f"bottleneck:rank=16,round={rounding}"])
+        decision = _decision(result)
+        assert (decision.macs_before, decision.macs_after) == (160_563_200, 13_246_464)
+        assert result.report.macs_after < result.report.macs_before
+
+
+# ------------------------------------------------------------------------------ skips
+
+
+def _two_conv_model(*, shared: bool, constant: bool = False) -> onnx.ModelProto:
+    """x -> conv_a(W) -> Relu -> conv_b(W or W_b); W is rank 8 along its inputs."""
+    rng = np.random.default_rng(2)
+    w = _low_rank(rng, 32, 32, (3, 3), RANK)
+    w_b = w if shared else rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1
+    inits = [numpy_helper.from_array(w, "W")]
+    nodes = []
+    if constant:
+        inits = []
+        nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w),
+                                      name="w_const"))
+    if not shared:
+        inits.append(numpy_helper.from_array(w_b, "W_b"))
+    nodes += [
+        helper.make_node("Conv", ["x", "W"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W" if shared else "W_b"], ["y"], name="conv_b",
+                         pads=[1, 1, 1, 1]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_shared_weight_keeps_its_other_user_intact():
+    proto = _two_conv_model(shared=True)
+    result = rewrite(load(proto), [f"bottleneck:rank={RANK},include=conv_a"])
+    assert _decision(result, "conv_b").reason == "not included"
+    out = checked_proto(result.model)
+    conv_b = next(n for n in out.graph.node if n.name == "conv_b")
+    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    original = numpy_helper.to_array(proto.graph.initializer[0])
+    np.testing.assert_array_equal(weights[conv_b.input[1]], original)
+    x = np.random.default_rng(3).standard_normal((1, 32, 10, 10)).astype(np.float32)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-5
+
+
+def test_constant_node_weight_is_factorized():
+    proto = _two_conv_model(shared=False, constant=True)
+    result = rewrite(load(proto), [f"bottleneck:rank={RANK},exclude=conv_b"])
+    assert _decision(result, "conv_a").applied
+    assert _decision(result, "conv_b").reason == "excluded"
+    out = checked_proto(result.model)
+    x = np.random.default_rng(4).standard_normal((1, 32, 10, 10)).astype(np.float32)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-5
+
+
+def _model_of(nodes, inits, in_shape, extra_inputs=()) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x, *extra_inputs], [y], inits)
+
+
+def test_skip_reasons_and_nothing_to_do_leaves_the_model_unchanged():
+    rng = np.random.default_rng(5)
+    t = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w_in = helper.make_tensor_value_info("W_rt", TensorProto.FLOAT, [16, 16, 3, 3])
+    nodes = [
+        helper.make_node("Conv", ["x", "Wg"], ["a"], name="grouped", group=2, pads=[1] * 4),
+        helper.make_node("Conv", ["a", "Wd"], ["b"], name="depthwise", group=16, pads=[1] * 4),
+        helper.make_node("Conv", ["b", "Wp"], ["c"], name="pointwise"),
+        helper.make_node("Conv", ["c", "W_rt"], ["d"], name="runtime", pads=[1] * 4),
+        helper.make_node("Conv", ["d", "Ws"], ["y"], name="small", pads=[1] * 4),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in
+             [("Wg", t(16, 8, 3, 3)), ("Wd", t(16, 1, 3, 3)), ("Wp", t(16, 16, 1, 1)),
+              ("Ws", t(1, 16, 3, 3))]]
+    proto = _model_of(nodes, inits, [1, 16, 8, 8], [w_in])
+    model = load(proto)
+    before = ir.serde.serialize_model(model).graph.SerializeToString()
+    result = rewrite(model, ["bottleneck:ratio=0.5"], guard=False)
+    reasons = {d.node: d.reason for d in result.report.passes[0].decisions}
+    assert reasons == {
+        "grouped": "grouped conv",
+        "depthwise": "depthwise conv",
+        "pointwise": "pointwise already",
+        "runtime": "weight computed at run time",
+        "small": "rank would not save MACs",  # 1 filter: reduce + kxk costs more
+    }
+    report = result.report.passes[0]
+    assert any(n.startswith("nothing to do") for n in report.notes)
+    assert any("init=svd" in n for n in report.notes)  # says data-aware inits need data
+    assert ir.serde.serialize_model(result.model).graph.SerializeToString() == before
+
+
+def test_min_channels_and_min_macs():
+    proto = conv_model([1, 16, 8, 8], 16, [3, 3], pads=[1] * 4, relu=True)
+    result = rewrite(load(proto), ["bottleneck:min-channels=32"])
+    assert _decision(result).reason.startswith("below min-channels")
+    result = rewrite(load(proto), ["bottleneck:min-macs=0.999"])  # the conv is 99.3%
+    assert _decision(result).reason.startswith("below min-macs")
+
+
+def test_options_are_validated():
+    with pytest.raises(PassError, match="one of"):
+        rewrite(load(conv_model([1, 16, 8, 8], 16, [3, 3])), ["bottleneck:ratio=0.5,rank=4"])
+    with pytest.raises(PassError, match="calibration"):
+        rewrite(load(conv_model([1, 16, 8, 8], 16, [3, 3])), ["bottleneck:init=refit"])
+
+
+# ------------------------------------------------------------------ merge, Tucker-2, fp16
+
+
+def test_reduce_merges_into_a_preceding_linear_pointwise_conv():
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((32, 24, 1, 1)).astype(np.float32) * 0.2
+    w2 = _low_rank(rng, 32, 32, (3, 3), RANK)
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="pw"),
+             helper.make_node("Conv", ["a", "W2"], ["y"], name="conv", pads=[1] * 4)]
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "B1")]
+    proto = _model_of(nodes, inits, [1, 24, 9, 9])
+    result = rewrite(load(proto), [f"bottleneck:rank={RANK}"])
+    decision = _decision(result, "conv")
+    assert decision.details["merged_into"] == "pw"
+    out = checked_proto(result.model)
+    assert len(out.graph.node) == 2  # no extra node: P folded into the 1x1 before
+    x = rng.standard_normal((1, 24, 9, 9)).astype(np.float32)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-5
+    unmerged = rewrite(load(proto), [f"bottleneck:rank={RANK},merge=false"])
+    assert len(checked_proto(unmerged.model).graph.node) == 3
+
+
+def test_in_out_mode_is_tucker2_and_exact_at_the_weight_ranks():
+    rng = np.random.default_rng(7)
+    core = rng.standard_normal((16, 16, 3, 3))
+    w = np.einsum("oa,abhw,bc->ochw", rng.standard_normal((64, 16)), core,
+                  rng.standard_normal((16, 64))).astype(np.float32) * 0.05
+    proto = _with_weight(conv_model([1, 64, 10, 10], 64, [3, 3], pads=[1] * 4), "W", w)
+    result = rewrite(load(proto), ["bottleneck:ratio=0.25,mode=in-out"])
+    decision = _decision(result)
+    assert decision.details["rank"] == 16 and decision.details["rank_out"] == 16
+    out = checked_proto(result.model)
+    assert [n.name for n in out.graph.node] == ["conv_reduce", "conv_core", "conv_restore"]
+    x = rng.standard_normal((1, 64, 10, 10)).astype(np.float32)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-5
+    # 100 positions: 64*16 reduce + 16*16*9 core + 16*64 restore per position
+    assert decision.macs_after == 100 * (64 * 16 + 16 * 16 * 9 + 16 * 64)
+
+
+def test_float16_model_stays_float16():
+    proto = conv_model([1, 32, 8, 8], 32, [3, 3], pads=[1] * 4)
+    proto = _with_weight(proto, "W", _low_rank(np.random.default_rng(8), 32, 32, (3, 3), RANK))
+    from onnx import version_converter  # noqa: F401  (float16 via a cast of the tensors)
+
+    for init in proto.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                              init.name))
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    proto = onnx.shape_inference.infer_shapes(proto)
+    result = rewrite(load(proto), [f"bottleneck:rank={RANK}"])
+    out = checked_proto(result.model)
+    assert {i.data_type for i in out.graph.initializer} == {TensorProto.FLOAT16}
+    x = np.random.default_rng(9).standard_normal((1, 32, 8, 8)).astype(np.float16)
+    assert _rel(_outputs(proto, {"x": x})[0], _outputs(out, {"x": x})[0]) < 1e-2
+
+
+# ------------------------------------------------------------------------------ data-aware
+
+
+def _relu_stack(seed: int = 10) -> onnx.ModelProto:
+    """conv3x3 -> relu -> conv3x3 -> relu -> conv3x3, random weights, for pipeline checks."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(3):
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((32, 32, 3, 3)) / np.sqrt(32 * 9)).astype(np.float32), f"W{i}"))
+        out = "y" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"W{i}"], [out], name=f"conv{i}",
+                                      pads=[1] * 4))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    return _model_of(nodes, inits, ["N", 32, 12, 12])
+
+
+def _calib(n: int = 48, seed: int = 11) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 4, 12, 12))
+    mix = rng.standard_normal((32, 4))  # low-dimensional, correlated channels: data matters
+    x = np.einsum("ck,nkhw->nchw", mix, base) + 0.1 * rng.standard_normal((n, 32, 12, 12))
+    return CalibrationSet({"x": x.astype(np.float32)}, source="test")
+
+
+def test_report_has_estimates_measurements_and_sensitivity_with_calibration():
+    result = rewrite(load(_relu_stack()), ["bottleneck:ratio=0.25"], calib=_calib())
+    report = result.report.passes[0]
+    assert report.metrics["init"] == "refit" and report.metrics["layers_rewritten"] == 3
+    for decision in report.decisions:
+        for key in ("rank", "estimated_rel_error", "measured_rel_error", "sensitivity_rel_error"):
+            assert key in decision.details, key
+    assert report.metrics["model_macs_removed_share"] > 0.4
+    assert result.report.fidelity["cosine"] > 0.8  # random deep layers are not low rank
+    checked_proto(result.model)
+
+
+def test_target_and_energy_select_ranks():
+    model = load(_relu_stack())
+    result = rewrite(model, ["bottleneck:target=0.5,round=4"])
+    metrics = result.report.passes[0].metrics
+    assert metrics["model_macs_removed_share"] >= 0.5
+    full = rewrite(load(_relu_stack()), ["bottleneck:energy=1.0,round=1"])
+    assert all(not d.applied for d in full.report.passes[0].decisions)  # nothing to cut
+    some = rewrite(load(_relu_stack()), ["bottleneck:energy=0.5,round=1"])
+    assert all(d.details["kept_energy"] >= 0.5 for d in some.report.passes[0].decisions)
+
+
+def test_target_auto_keeps_the_cosine_floor():
+    calib = _calib(64)
+    spec = "bottleneck:target=auto,min-cosine=0.995,round=4,auto-steps=4"
+    result = rewrite(load(_relu_stack()), [spec], calib=calib)
+    report = result.report.passes[0]
+    assert result.report.fidelity["cosine"] >= 0.995
+    assert report.metrics["auto_target"] > 0.1
+
+
+# ------------------------------------------------------------------------------ trained digits
+
+DIGITS = TRAINED / "digits_cnn.onnx"
+needs_digits = pytest.mark.skipif(not DIGITS.exists(), reason="models/trained not built yet")
+
+
+def _digits_error(init: str, ratio: float, n_calib: int) -> float:
+    calib = dict(np.load(TRAINED / "digits_calib.npz"))
+    test = dict(np.load(TRAINED / "digits_test.npz"))
+    data = CalibrationSet({"input": calib["input"][:n_calib]}, calib["labels"][:n_calib],
+                          "digits_calib")
+    result = rewrite(load(DIGITS), [f"bottleneck:ratio={ratio},init={init},sensitivity=false"],
+                     calib=data, holdout=0.1)
+    ref = runtime.run_all(result.original, {"input": test["input"]})["logits"]
+    got = runtime.run_all(result.model, {"input": test["input"]})["logits"]
+    return _rel(ref, got)
+
+
+@needs_digits
+@pytest.mark.parametrize("ratio", [
+    pytest.param(0.125, marks=pytest.mark.slow), 0.25, pytest.param(0.5, marks=pytest.mark.slow)])
+def test_digits_refit_beats_whitened_beats_svd(ratio):
+    n_calib = 96 if ratio == 0.25 else 256  # the fast case fits on fewer samples
+    errors = {init: _digits_error(init, ratio, n_calib) for init in ("svd", "whitened", "refit")}
+    assert errors["refit"] <= errors["whitened"] <= errors["svd"], errors
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_writes_a_rewritten_model(tmp_path: Path):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_relu_stack(), str(model_path))
+    calib_path = tmp_path / "calib.npz"
+    np.savez(calib_path, x=_calib(24).inputs["x"])
+    out = tmp_path / "out.onnx"
+    exe = Path(sys.executable).with_name("rewrite")
+    done = subprocess.run(
+        [str(exe), str(model_path), "--pass", "bottleneck:ratio=0.25", "--calib", str(calib_path),
+         "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert len(written.graph.node) == 8  # 3 reduce + 3 kxk + 2 relu
+    x = _calib(2).inputs["x"]
+    assert _outputs(written, {"x": x})[0].shape == (2, 32, 12, 12)

@@ -1,0 +1,186 @@
+"""The factorization math of `rewriter.lowrank`, checked against torch convolutions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rewriter import lowrank
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, window: lowrank.Window,
+          out_dims=None) -> np.ndarray:
+    """Reference conv in torch with explicit (possibly asymmetric) zero padding."""
+    spatial = w.ndim - 2
+    if out_dims is None:
+        begin, end = window.pads[:spatial], window.pads[spatial:]
+    else:
+        begin = window.pad_begin(x.shape[2:], out_dims)
+        end = [max(0, (o - 1) * s + (k - 1) * d + 1 - n - bb)
+               for o, s, k, d, n, bb in zip(out_dims, window.strides, window.kernel,
+                                            window.dilations, x.shape[2:], begin, strict=True)]
+    pad = [p for axis in reversed(range(spatial)) for p in (begin[axis], end[axis])]
+    xt = F.pad(torch.from_numpy(x), pad)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    out = conv(xt, torch.from_numpy(w), None if b is None else torch.from_numpy(b),
+               stride=window.strides, dilation=window.dilations)
+    return out.numpy()
+
+
+def _low_rank_weight(rng, o: int, c: int, kernel, rank: int) -> np.ndarray:
+    k = int(np.prod(kernel))
+    return np.einsum("ork,rc->ock", rng.standard_normal((o, rank, k)),
+                     rng.standard_normal((rank, c))).reshape(o, c, *kernel)
+
+
+def test_unfold_and_fold_are_inverse():
+    w = np.random.default_rng(0).standard_normal((6, 4, 3, 2))
+    m = lowrank.unfold_input(w)
+    assert m.shape == (4, 6 * 6)
+    np.testing.assert_array_equal(lowrank.fold_kernel(m, 6, (3, 2)), w)
+
+
+@pytest.mark.parametrize("init", ["svd", "whitened"])
+def test_full_rank_factors_reconstruct_the_kernel(init):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 5, 3, 3))
+    if init == "svd":
+        factors = lowrank.svd_init(w, 5)
+    else:
+        x = rng.standard_normal((4, 5, 6, 6)) * np.arange(1, 6)[None, :, None, None]
+        factors = lowrank.whitened_init(w, lowrank.moments_from_batches([x]), 5)
+    assert lowrank.relative_error(w, lowrank.reconstruct(factors)) < 1e-10
+    assert np.allclose(np.linalg.norm(factors.reduce, axis=1), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "strides", "dilations", "pads", "auto_pad"),
+    [
+        ((2, 3, 9, 10), (3, 3), (2, 2), (1, 1), (1, 0, 2, 1), "NOTSET"),
+        ((2, 3, 9, 10), (3, 2), (1, 2), (2, 1), (0, 0, 0, 0), "SAME_UPPER"),
+        ((2, 3, 9, 10), (3, 3), (2, 1), (1, 1), (0, 0, 0, 0), "SAME_LOWER"),
+        ((2, 3, 9, 10), (3, 3), (1, 1), (1, 2), (0, 0, 0, 0), "VALID"),
+        ((1, 4, 17), (5,), (3,), (1,), (2, 1), "NOTSET"),
+        ((1, 2, 5, 6, 7), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1, 1, 1, 1), "NOTSET"),
+    ],
+)
+def test_im2col_matches_conv(shape, kernel, strides, dilations, pads, auto_pad):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((4, shape[1], *kernel))
+    window = lowrank.Window(kernel, strides, dilations, pads, auto_pad)
+    spatial = shape[2:]
+    if auto_pad.startswith("SAME"):
+        out_dims = [-(-n // s) for n, s in zip(spatial, strides, strict=True)]
+    else:
+        full = spatial if auto_pad == "VALID" else [
+            n + pads[a] + pads[a + len(spatial)] for a, n in enumerate(spatial)]
+        out_dims = [(n - (k - 1) * d - 1) // s + 1
+                    for n, k, d, s in zip(full, kernel, dilations, strides, strict=True)]
+    y = _conv(x, w, None, window, out_dims)
+    assert list(y.shape[2:]) == out_dims
+    positions = lowrank.sample_positions(shape[0], out_dims, None, np.random.default_rng(0))
+    patches = lowrank.gather_patches(x, window, out_dims, positions)
+    expected = lowrank.gather_outputs(y, positions)
+    np.testing.assert_allclose(patches @ w.reshape(4, -1).T, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_whitened_beats_svd_on_the_data_it_was_fitted_on():
+    rng = np.random.default_rng(3)
+    c, o = 16, 12
+    w = rng.standard_normal((o, c, 3, 3))
+    mix = rng.standard_normal((c, c)) * np.linspace(0.05, 3, c)  # correlated, uneven channels
+    x = np.einsum("dc,nc...->nd...", mix, rng.standard_normal((8, c, 8, 8)))
+    sigma = lowrank.moments_from_batches([x])
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    y = _conv(x, w, None, window)
+    errors = {}
+    for name, factors in {
+        "svd": lowrank.svd_init(w, 4),
+        "whitened": lowrank.whitened_init(w, sigma, 4, alpha=0.0),
+    }.items():
+        approx = _conv(x, lowrank.reconstruct(factors), None, window)
+        errors[name] = lowrank.relative_error(y, approx)
+    assert errors["whitened"] < errors["svd"]
+
+
+def test_refit_recovers_a_low_rank_layer_exactly_and_fits_bias():
+    rng = np.random.default_rng(4)
+    w = _low_rank_weight(rng, 10, 12, (3, 3), 6)
+    b = rng.standard_normal(10)
+    x = rng.standard_normal((6, 12, 9, 9))
+    window = lowrank.Window((3, 3), (2, 2), (1, 1), (1, 1, 0, 0))
+    y = _conv(x, w, b, window)
+    start = lowrank.svd_init(w + 0.3 * rng.standard_normal(w.shape), 6)  # a wrong kernel
+    acc = lowrank.RefitAccumulator(lowrank.svd_init(w, 6).reduce, 10, window, None)
+    acc.add(x[:3], y[:3])
+    acc.add(x[3:], y[3:])  # accumulated over two batches
+    refit = acc.solve(ridge=0.0)
+    assert lowrank.relative_error(w, lowrank.reconstruct(refit)) < 1e-8
+    np.testing.assert_allclose(refit.bias, b, atol=1e-8)
+    assert start.rank == refit.rank
+
+
+def test_refit_with_subsampled_positions_is_close():
+    rng = np.random.default_rng(5)
+    w = _low_rank_weight(rng, 8, 8, (3, 3), 4)
+    x = rng.standard_normal((4, 8, 16, 16))
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    y = _conv(x, w, None, window)
+    acc = lowrank.RefitAccumulator(lowrank.svd_init(w, 4).reduce, 8, window, max_positions=200)
+    acc.add(x, y)
+    assert acc.equations.rows == 200
+    assert lowrank.relative_error(w, lowrank.reconstruct(acc.solve(0.0))) < 1e-8
+
+
+def test_reduce_refit_recovers_p_for_a_fixed_kernel():
+    rng = np.random.default_rng(6)
+    w = _low_rank_weight(rng, 6, 7, (3, 3), 3)
+    x = rng.standard_normal((3, 7, 8, 8))
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    y = _conv(x, w, None, window)
+    exact = lowrank.svd_init(w, 3)
+    acc = lowrank.ReduceRefitAccumulator(exact.kernel, None, window, 7)
+    positions = lowrank.sample_positions(3, y.shape[2:], None, np.random.default_rng(0))
+    acc.add_rows(x[:2], y.shape[2:], positions[positions[:, 0] < 2],
+                 lowrank.gather_outputs(y[:2], positions[positions[:, 0] < 2]))
+    rest = lowrank.sample_positions(1, y.shape[2:], None, np.random.default_rng(0))
+    acc.add_rows(x[2:], y.shape[2:], rest, lowrank.gather_outputs(y[2:], rest))
+    np.testing.assert_allclose(acc.solve(0.0), exact.reduce, atol=1e-7)
+
+
+def test_tucker2_full_rank_is_exact_and_truncation_uses_data():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((6, 5, 3, 3))
+    factors = lowrank.svd_init(w, 5, rng.standard_normal(6))
+    full = lowrank.restore_outputs(factors, 6)
+    assert lowrank.relative_error(w, lowrank.tucker2_reconstruct(full)) < 1e-10
+    assert full.core.shape == (6, 5, 3, 3) and full.restore.shape == (6, 6)
+    cut = lowrank.restore_outputs(factors, 3, np.eye(45))
+    assert cut.core.shape == (3, 5, 3, 3) and cut.restore.shape == (6, 3)
+
+
+def test_energy_rank_and_error_estimate():
+    s = lowrank.Spectrum(np.eye(4), np.array([3.0, 2.0, 1.0, 0.0]), np.eye(4))
+    assert lowrank.rank_for_energy(s, 0.9) == 2  # 13/14 of the energy in two values
+    assert lowrank.rank_for_energy(s, 1.0) == 3
+    assert s.relative_error(2) == pytest.approx(np.sqrt(1 / 14))
+    assert lowrank.round_up(3, 8, 64) == 8 and lowrank.round_up(9, 8, 12) == 12
+
+
+def test_shrinkage_moves_toward_the_diagonal():
+    sigma = np.array([[2.0, 1.0], [1.0, 1.0]])
+    out = lowrank.shrink_covariance(sigma, alpha=0.2, eps=0.0)
+    np.testing.assert_allclose(out, [[2.0, 0.8], [0.8, 1.0]])
+
+
+def test_allocation_takes_cheap_error_first_and_stops_at_target():
+    cheap = lowrank.LayerChoices("a", [8, 4], [50, 80], [0.01, 0.02])
+    costly = lowrank.LayerChoices("b", [8, 4], [50, 80], [0.5, 0.9])
+    alloc = lowrank.allocate_ranks([cheap, costly], 70)
+    assert alloc.ranks == {"a": 4} and alloc.reached
+    alloc = lowrank.allocate_ranks([cheap, costly], 120)
+    assert alloc.ranks["a"] == 4 and "b" in alloc.ranks and alloc.macs_saved >= 120
+    assert not lowrank.allocate_ranks([cheap], 1000).reached
