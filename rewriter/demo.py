@@ -28,6 +28,7 @@ def demo_args() -> list[str]:
         args += ["--pass", name]
     return args + [
         "--calib", str(TRAINED / "digits_calib.npz"),
+        "--eval", str(TRAINED / "digits_test.npz"),
         "-o", str(OUT / "digits_cnn.rewritten.onnx"),
         "--report", str(OUT / "report.json"),
         "--report", str(OUT / "report.md"),

@@ -94,6 +94,7 @@ def _rewrite(
         holdout=args.holdout,
         seed=args.seed,
         distill=getattr(args, "distill", None),
+        evaluate=args.eval,
         log=lambda message: console.print(f"[dim]{message}[/dim]"),
     )
     return result, result.input_shapes

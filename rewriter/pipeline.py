@@ -111,11 +111,14 @@ def rewrite(
     guard: bool = True,
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
+    evaluate: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
     `distill` (options such as `{"steps": 500, "lr": 1e-3}`, or `{}` for defaults) trains the
     weights the passes created against the original's outputs afterwards (torch extra).
+    `evaluate` (same forms as `calib`, e.g. a labelled test set) is where fidelity is measured;
+    without it, the held-out part of the calibration data is used.
     """
     from passes import get_pass
 
@@ -180,8 +183,13 @@ def rewrite(
 
     after = analysis_cost(model, shapes)
     report.macs_after, report.params_after = after.macs, after.params
-    if context.holdout is not None and report.passes:
+    if evaluate is not None and report.passes:
+        eval_data = load_calibration(evaluate, model, input_shapes=shapes, seed=seed)
+        report.fidelity = measure_fidelity(original, model, eval_data)
+        report.fidelity["dataset"] = eval_data.source
+    elif context.holdout is not None and report.passes:
         report.fidelity = measure_fidelity(original, model, context.holdout)
+        report.fidelity["dataset"] = "held-out calibration samples"
     return RewriteResult(
         model, report, original, context.fit, context.holdout, discarded, shapes
     )

@@ -96,7 +96,8 @@ def _totals_line(report: RunReport) -> str:
 
 
 def _fidelity_line(f: dict[str, Any]) -> str:
-    parts = [f"fidelity on {f.get('samples', '?')} held-out samples: cosine {f['cosine']:.5f}",
+    where = f.get("dataset") or "held-out calibration samples"
+    parts = [f"fidelity on {f.get('samples', '?')} samples ({where}): cosine {f['cosine']:.5f}",
              f"rel L2 {f['rel_l2']:.4f}", f"SQNR {f['sqnr_db']:.1f} dB"]
     if "top1_agreement" in f:
         parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")

@@ -481,3 +481,18 @@ def test_python_api_reads_dynamic_dims_off_the_calibration_data():
     assert result.report.macs_before >= 8 * 8 * 16 * 16 * 9
     out = model.graph.inputs[0].shape
     assert not isinstance(out[2], int) and not isinstance(out[3], int)  # never frozen
+
+
+def test_eval_measures_fidelity_on_the_labelled_test_set(tmp_path):
+    """--eval DATA: fidelity and accuracy come from that data, not the calibration split."""
+    from tests.conftest import TRAINED
+
+    report = tmp_path / "r.json"
+    code = main([str(TRAINED / "digits_cnn.onnx"), "--pass", "cleanup", "-q",
+                 "--calib", str(TRAINED / "digits_calib.npz"),
+                 "--eval", str(TRAINED / "digits_test.npz"),
+                 "-o", str(tmp_path / "o.onnx"), "--report", str(report)])
+    assert code == 0
+    fidelity = json.loads(report.read_text())["fidelity"]
+    assert fidelity["samples"] == 540 and fidelity["dataset"].endswith("digits_test.npz")
+    assert fidelity["accuracy_before"] == fidelity["accuracy_after"] > 0.98
