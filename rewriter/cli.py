@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output path (default: MODEL.rewritten.onnx)")
     p.add_argument("--config", help="pipeline TOML file (passes, calibration, gates, outputs)")
     p.add_argument("--calib", help="calibration data: .npz, .npy, image folder, or 'random'")
+    p.add_argument("--eval", metavar="SPEC",
+                   help="data to measure fidelity on (same forms as --calib, e.g. a labelled "
+                   "test .npz); default: the held-out calibration samples")
     p.add_argument("--preprocess", help="for image folders: size=224,mean=...,std=...,layout=NCHW")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                    help="fix dynamic input dims for analysis and benchmarking (never in the output)")
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analyze", action="store_true", help="per-layer MACs/params and candidates")
     p.add_argument("--json", action="store_true", help="with --analyze: JSON on stdout only")
     p.add_argument("--list-passes", action="store_true", help="list passes, options and defaults")
+    p.add_argument("--distill", nargs="?", const="", metavar="k=v,...",
+                   help="after the passes, train the weights they created against the original's "
+                   "outputs on --calib inputs (torch extra), e.g. steps=500,lr=1e-3")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and training (default 0)")
     p.add_argument("--holdout", type=float, default=0.25,
                    help="share of calibration samples held out for fidelity (default 0.25)")

@@ -1,0 +1,183 @@
+"""Distillation after the passes: train only the weights the passes created so the rewritten
+model's outputs match the original's on unlabeled calibration inputs.
+
+The teacher is the original model run once in onnxruntime; the student is the rewritten IR run
+by the torch executor (`rewriter.torch_exec`). Loss: mean squared error per output, divided by the
+teacher output's mean square so several outputs weigh alike. Seeded sampling and init make runs
+repeatable. Trained values are written back by name, and only when they did better on the
+held-out samples than the untrained ones (the data-free result stands otherwise).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.base import PassOptions, option, parse_options
+from rewriter import runtime
+from rewriter.calibration import CalibrationSet
+from rewriter.errors import PassError
+from rewriter.report import PassReport
+
+
+@dataclass
+class DistillOptions(PassOptions):
+    steps: int = option(500, "optimizer steps")
+    lr: float = option(1e-3, "Adam learning rate (cosine-decayed to 0 over the steps)")
+    batch: int = option(32, "samples per step")
+    train: list[str] = option(
+        ["new"], "weights to train: 'new' (created by the passes), 'all', or name globs ('|')"
+    )
+    weight_decay: float = option(0.0, "Adam weight decay")
+    keep_worse: bool = option(False, "write trained weights back even if held-out loss got worse")
+    log_every: int = option(50, "log the loss every this many steps")
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.batch < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 0, batch >= 1 and lr > 0")
+
+
+def parse_distill_options(raw: str | Mapping[str, Any] | None) -> DistillOptions:
+    """`steps=500,lr=1e-3` (CLI text) or a mapping -> DistillOptions."""
+    if isinstance(raw, str):
+        items = [p.strip() for p in raw.split(",") if p.strip()]
+        pairs = [item.partition("=") for item in items]
+        bad = [item for item, (_, sep, _) in zip(items, pairs, strict=True) if not sep]
+        if bad:
+            raise PassError(f"--distill: option {bad[0]!r} is not key=value")
+        raw = {k.strip(): v.strip() for k, _, v in pairs}
+    return parse_options(DistillOptions, raw or {}, "distill")
+
+
+def new_weight_names(original: ir.Model, rewritten: ir.Model) -> list[str]:
+    """Float weights of `rewritten` whose names the original model does not have."""
+    from rewriter.torch_exec import float_weights
+
+    known = set(float_weights(original))
+    return [name for name in float_weights(rewritten) if name not in known]
+
+
+def select_trainable(original: ir.Model, rewritten: ir.Model, patterns: list[str]) -> list[str]:
+    """Names to train: 'new' weights, 'all' weights, or those matching the globs."""
+    from rewriter.torch_exec import float_weights
+
+    names = list(float_weights(rewritten))
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == "new":
+            chosen.update(new_weight_names(original, rewritten))
+        elif pattern == "all":
+            chosen.update(names)
+        else:
+            chosen.update(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    return [n for n in names if n in chosen]
+
+
+def distill(
+    original: ir.Model,
+    model: ir.Model,
+    fit: CalibrationSet | None,
+    holdout: CalibrationSet | None,
+    options: DistillOptions | str | Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> PassReport:
+    """Train `model`'s new weights in place against `original`'s outputs; the step's report."""
+    opts = options if isinstance(options, DistillOptions) else parse_distill_options(options)
+    log = log or (lambda message: None)
+    report = PassReport("distill", options=asdict(opts), exact=False)
+    if fit is None or fit.n == 0:
+        raise PassError("distillation needs calibration inputs: pass --calib (npz, images, random)")
+    from rewriter.torch_exec import check_fine_tunable
+
+    try:
+        check_fine_tunable(model)
+    except PassError as exc:
+        report.skipped("model", "distill", str(exc))
+        report.note("the rewritten weights stand untrained")
+        return report
+    trainable = select_trainable(original, model, opts.train)
+    if not trainable:
+        report.skipped("model", "distill", "no weights to train (no pass created new weights)")
+        return report
+    _train(original, model, fit, holdout or fit, trainable, opts, seed, log, report)
+    return report
+
+
+def _train(original, model, fit, holdout, trainable, opts, seed, log, report) -> None:
+    import torch
+
+    from rewriter.torch_exec import to_torch, write_back
+
+    torch.manual_seed(seed)
+    teacher_fit = runtime.run_all(original, fit.inputs)
+    teacher_hold = runtime.run_all(original, holdout.inputs)
+    module = to_torch(model, trainable)
+    names = module.output_names
+    scales = {n: max(float(np.mean(np.square(teacher_fit[n], dtype=np.float64))), 1e-12)
+              for n in names}
+
+    def loss_on(inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]) -> Any:
+        outs = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()
+                         if k in module.input_names})
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return sum(
+            torch.mean((out - torch.from_numpy(targets[n])) ** 2) / scales[n]
+            for n, out in zip(names, outs, strict=True)
+        ) / len(names)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            total, count = 0.0, 0
+            for start in range(0, holdout.n, opts.batch):
+                part = slice(start, start + opts.batch)
+                batch = {k: v[part] for k, v in holdout.inputs.items()}
+                size = len(next(iter(batch.values())))
+                total += float(loss_on(batch, {n: teacher_hold[n][part] for n in names})) * size
+                count += size
+            return total / max(count, 1)
+
+    params = [p for p in module.params.values() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(opts.steps, 1))
+    rng = np.random.default_rng(seed)
+    before = held_out_loss()
+    log(f"distill: training {len(trainable)} weights ({sum(p.numel() for p in params)} values), "
+        f"{opts.steps} steps, held-out loss {before:.4g}")
+    started = time.perf_counter()
+    module.train()
+    for step in range(1, opts.steps + 1):
+        index = np.sort(rng.choice(fit.n, size=min(opts.batch, fit.n), replace=False))
+        loss = loss_on({k: v[index] for k, v in fit.inputs.items()},
+                       {n: teacher_fit[n][index] for n in names})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % max(opts.log_every, 1) == 0 or step == opts.steps:
+            log(f"distill: step {step}/{opts.steps} loss {float(loss.detach()):.4g}")
+    after = held_out_loss()
+    improved = after < before
+    report.metrics.update({
+        "loss_before": before, "loss_after": after, "steps": opts.steps,
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "trained_values": int(sum(p.numel() for p in params)),
+    })
+    if improved or opts.keep_worse:
+        write_back(module, model)
+        for name in trainable:
+            size = int(module.params[module.param_key[name]].numel())
+            report.applied(name, "weight", "trained", params_before=size, params_after=size)
+    else:
+        report.skipped("model", "distill",
+                       f"held-out loss got worse ({before:.4g} -> {after:.4g}); "
+                       "untrained weights kept")
+    log(f"distill: held-out loss {before:.4g} -> {after:.4g}"
+        + ("" if improved or opts.keep_worse else " (worse: kept the untrained weights)"))
