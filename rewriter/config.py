@@ -13,6 +13,7 @@ init = "whitened"
 
 [calibration]
 data = "calib.npz"              # .npz, .npy, an image folder, or "random"
+eval = "test.npz"               # optional: measure fidelity here instead of the held-out split
 preprocess = "size=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225"
 holdout = 0.25
 
@@ -46,7 +47,7 @@ from typing import Any
 
 from rewriter.errors import OnexoneError, UsageError
 
-PATH_KEYS = {"model", "output", "calib", "plot"}
+PATH_KEYS = {"model", "output", "calib", "eval", "plot"}
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def config_to_flags(config: Mapping[str, Any], base: Path, label: str) -> dict[s
                    "input_shape": ("input_shape", (dict, list, str))})
     sections["pass"] = lambda v, w: flags.__setitem__("passes", _passes(v, label))
     sections["calibration"] = lambda v, w: take(v, w, {
-        "data": ("calib", str), "preprocess": ("preprocess", (str, dict)),
+        "data": ("calib", str), "eval": ("eval", str), "preprocess": ("preprocess", (str, dict)),
         "holdout": ("holdout", (float, int))})
     sections["gates"] = lambda v, w: take(v, w, {
         "max_drop": ("max_drop", (float, int)), "min_cosine": ("min_cosine", (float, int)),

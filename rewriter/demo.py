@@ -1,7 +1,8 @@
 """`make demo`: the main job on the trained digits model that ships with the repo.
 
-Runs fold-bn + bottleneck (refit on the shipped calibration set) + dense-head, benchmarks the
-result A/B in onnxruntime, and prints the report. Writes under build/demo/ only.
+Runs fold-bn + bottleneck (refit on the shipped calibration set, 80% of the MACs removed) +
+dense-head, measures accuracy on the shipped test split, benchmarks the result A/B in
+onnxruntime, and prints the report. Writes under build/demo/ only.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from rewriter.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "models" / "trained"
 OUT = ROOT / "build" / "demo"
+#: Fold BN so factorization sees the real weights, remove 80% of the MACs where it costs least
+#: error (refit on the shipped calibration set), swap the dense head for a 1x1 conv + GAP.
+DEMO_PASSES = ("fold-bn", "bottleneck:target=0.8", "dense-head:hidden=0", "cleanup")
 
 
 def demo_args() -> list[str]:
     from passes import available
 
     model = str(TRAINED / "digits_cnn.onnx")
-    passes = [p for p in ("fold-bn", "bottleneck", "dense-head") if p in available()]
-    if "bottleneck" not in passes:
+    if "bottleneck" not in available():
         return [model, "--analyze"]
     args = [model]
-    for name in passes:
-        args += ["--pass", name]
+    for spec in DEMO_PASSES:
+        args += ["--pass", spec]
     return args + [
         "--calib", str(TRAINED / "digits_calib.npz"),
         "--eval", str(TRAINED / "digits_test.npz"),

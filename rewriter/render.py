@@ -60,6 +60,9 @@ def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> Non
 
 def print_run_report(report: RunReport, console: Console, limit: int = 30) -> None:
     for p in report.passes:
+        if not p.decisions:
+            console.print(f"pass {p.name}: " + ("; ".join(p.notes) or "no candidates"))
+            continue
         table = Table(title=f"pass {p.name}: {p.n_applied} applied, "
                       f"{len(p.decisions) - p.n_applied} skipped")
         for col in ("node", "op", "decision", "reason", "MACs before", "MACs after"):
