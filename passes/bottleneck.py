@@ -6,6 +6,11 @@ Pattern: a group-1 Conv with a constant kernel larger than 1x1. Check: the layer
 `W2 [O, r, k]`, which keeps the original strides, pads, auto_pad, dilations and bias;
 `mode=in-out` (Tucker-2) also splits W2 into a kxk core to `r_out` channels and a 1x1 restore.
 The factors come from `rewriter.lowrank` (svd, whitened, refit); see design.md §4.1, App. A.
+
+`objective=latency` replaces MACs by onnxruntime time measured on this machine
+(`rewriter.conv_timing`: each layer alone at its real input shape, before vs after): a layer
+whose rewrite saves less than `min-gain` of its time is skipped, and `target` becomes a share of
+the model's measured time, allocated by least error per millisecond saved.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.base import PassOptions, RewritePass, option
-from rewriter import lowrank, runtime
+from rewriter import conv_timing, lowrank, runtime
 from rewriter.cost import conv_macs, model_cost, round_rank
 from rewriter.errors import PassError
 from rewriter.fidelity import compare_arrays, output_fidelity
@@ -72,6 +77,14 @@ class BottleneckOptions(PassOptions):
     merge: bool = option(True, "fold the 1x1 into a preceding linear 1x1 conv")
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
     auto_steps: int = option(6, "bisection steps for target=auto")
+    objective: Literal["macs", "latency"] = option(
+        "macs", "macs: rank by MACs saved; latency: time each layer in onnxruntime on this "
+                "machine, skip layers that are not faster, and read target as a share of the "
+                "model's measured time (costs timing runs)")
+    threads: int = option(1, "objective=latency: onnxruntime intra-op threads for the timings")
+    min_gain: float = option(0.05, "objective=latency: skip a layer whose rewrite saves less "
+                                   "than this share of its measured time")
+    latency_ranks: int = option(6, "objective=latency with target: ranks timed per layer")
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy", "target") if getattr(self, n) is not None]
@@ -87,6 +100,12 @@ class BottleneckOptions(PassOptions):
             raise ValueError("rank must be >= 1")
         if self.round < 1:
             raise ValueError("round must be >= 1")
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError("min-gain must be in [0, 1)")
+        if self.latency_ranks < 1:
+            raise ValueError("latency-ranks must be >= 1")
 
 
 @dataclass
@@ -133,6 +152,12 @@ class Candidate:
         return (reduce + conv_macs(out_pos, rank_out, rank, self.geometry.kernel)
                 + conv_macs(out_pos, o, rank_out, [1]))
 
+    @property
+    def layer(self) -> conv_timing.ConvLayer:
+        """What its onnxruntime time depends on (objective=latency)."""
+        return conv_timing.ConvLayer(self.in_shape, self.out_channels, self.geometry,
+                                     self.bias is not None, self.dtype.name)
+
     def params_after(self, rank: int, rank_out: int | None = None) -> int:
         k = math.prod(self.geometry.kernel)
         o, c = self.out_channels, self.channels
@@ -170,10 +195,17 @@ class BottleneckPass(RewritePass):
             self._nothing_to_do()
             return
         self._spectra(original, candidates, init)
+        budget: float = total_macs  # what `target` is a share of
+        if opts.objective == "latency":
+            self._timer = conv_timing.ConvTimer(threads=opts.threads)
+            if opts.target is not None:
+                budget = self._model_ms(original, candidates)
         if opts.target == "auto":
-            plan = self._auto_plan(original, candidates, total_macs, init)
+            plan = self._auto_plan(original, candidates, budget, init)
         else:
-            plan = self._plan(candidates, total_macs, opts.target)
+            plan = self._plan(candidates, budget, opts.target)
+        if self._timer is not None and opts.target is None:
+            plan = self._drop_slower(candidates, plan)
         self._record_unplanned(candidates, plan)
         if not plan:
             self._nothing_to_do()
@@ -181,6 +213,8 @@ class BottleneckPass(RewritePass):
         applied = self._execute(model, original, candidates, plan, init)
         self._measure(model, original, candidates, plan, applied)
         self._totals(candidates, plan, total_macs, init)
+        if self._timer is not None:
+            self._timing_totals(budget if opts.target is not None else None)
 
     def _resolve_init(self) -> str:
         init = self.options.init
@@ -198,7 +232,8 @@ class BottleneckPass(RewritePass):
         return init
 
     def _nothing_to_do(self) -> None:
-        self.report.note("nothing to do: no conv where a 1x1 reduction saves MACs; "
+        saves = "saves MACs" if self._timer is None else "is measured faster in onnxruntime"
+        self.report.note(f"nothing to do: no conv where a 1x1 reduction {saves}; "
                          "model unchanged")
 
     # ------------------------------------------------------------------ pattern + check
@@ -298,17 +333,20 @@ class BottleneckPass(RewritePass):
         share = r / cand.channels
         return Rank(r, round_rank(share * cand.out_channels, self.options.round, cand.out_channels))
 
-    def _plan(self, candidates: list[Candidate], total: int,
+    def _plan(self, candidates: list[Candidate], total: float,
               target: float | None) -> dict[int, Rank]:
-        """Rank per candidate index; skipped candidates are recorded with their reason."""
+        """Rank per candidate index; skipped candidates are recorded with their reason.
+        With a target, `total` is the model's MACs (or measured ms with objective=latency)."""
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
         plan: dict[int, Rank] = {}
         if target is not None:
             choices = [self._layer_choices(c) for c in candidates]
-            alloc = lowrank.allocate_ranks([c for c in choices if c.ranks], int(target * total))
+            alloc = lowrank.allocate_ranks([c for c in choices if c.ranks], target * total)
             if not alloc.reached:
+                unit = "MACs" if self._timer is None else "measured time"
                 self.report.note(f"target {target:.0%} not reachable: at most "
-                                 f"{alloc.macs_saved / max(total, 1):.1%} of the MACs removed")
+                                 f"{alloc.macs_saved / max(total, 1e-12):.1%} of the {unit} "
+                                 "removed")
             by_index = {c.index: c for c in candidates}
             for index, r in alloc.ranks.items():
                 plan[index] = self._pair(by_index[index], r)
@@ -331,6 +369,8 @@ class BottleneckPass(RewritePass):
 
     def _layer_choices(self, cand: Candidate) -> lowrank.LayerChoices:
         ranks = self._rank_choices(cand)
+        if self._timer is not None:
+            return self._timed_choices(cand, ranks)
         return lowrank.LayerChoices(
             key=cand.index,
             ranks=[rk.r for rk in ranks],
@@ -338,13 +378,61 @@ class BottleneckPass(RewritePass):
             error_sq=[cand.spectrum.relative_error(rk.r) ** 2 for rk in ranks],
         )
 
-    def _auto_plan(self, original: ir.Model, candidates: list[Candidate], total: int,
+    def _timed_choices(self, cand: Candidate, ranks: list[Rank]) -> lowrank.LayerChoices:
+        """objective=latency: a grid of `latency-ranks` ranks, each timed; the gain is the
+        measured ms saved, and ranks saving less than `min-gain` of the layer's time drop out."""
+        opts: BottleneckOptions = self.options  # type: ignore[assignment]
+        if len(ranks) > opts.latency_ranks:
+            picks = np.linspace(0, len(ranks) - 1, opts.latency_ranks).round().astype(int)
+            ranks = [ranks[i] for i in sorted(set(picks.tolist()))]
+        kept, gains = [], []
+        for rk in ranks:
+            timing = self._timer(cand.layer, rk.r, rk.r_out)
+            if timing.saved_share >= opts.min_gain:
+                kept.append(rk)
+                gains.append(timing.saved_ms)
+        if ranks and not kept:
+            self._skip_reasons[cand.index] = _slower_reason(self._timer(cand.layer, ranks[-1].r,
+                                                                        ranks[-1].r_out))
+        return lowrank.LayerChoices(
+            key=cand.index,
+            ranks=[rk.r for rk in kept],
+            macs_saved=gains,
+            error_sq=[cand.spectrum.relative_error(rk.r) ** 2 for rk in kept],
+        )
+
+    def _drop_slower(self, candidates: list[Candidate], plan: dict[int, Rank]
+                     ) -> dict[int, Rank]:
+        """objective=latency without target: keep the layers whose measured time drops."""
+        kept = {}
+        for cand in candidates:
+            rank = plan.get(cand.index)
+            if rank is None:
+                continue
+            timing = self._timer(cand.layer, rank.r, rank.r_out)
+            if timing.saved_share >= self.options.min_gain:
+                kept[cand.index] = rank
+            else:
+                self._skip_reasons[cand.index] = _slower_reason(timing)
+                self._skip_details[cand.index] = {"rank": rank.r, **timing.as_details()}
+        return kept
+
+    def _model_ms(self, original: ir.Model, candidates: list[Candidate]) -> float:
+        """The whole model's onnxruntime time: the budget a latency target takes a share of."""
+        ms = conv_timing.model_time_ms(original, self.context.input_shapes, self.options.threads,
+                                       batch=candidates[0].in_shape[0])
+        self.report.metrics["model_ms_before"] = round(ms, 4)
+        self.report.note(f"objective=latency: target is a share of the model's measured "
+                         f"onnxruntime time ({ms:.2f} ms, {self.options.threads} thread(s))")
+        return ms
+
+    def _auto_plan(self, original: ir.Model, candidates: list[Candidate], total: float,
                    init: str) -> dict[int, Rank]:
         """Bisect the MAC cut against the held-out cosine gate (each step a full rewrite)."""
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
         choices = [self._layer_choices(c) for c in candidates]
         most = lowrank.allocate_ranks([c for c in choices if c.ranks], total).macs_saved
-        lo, hi = 0.0, most / max(total, 1)
+        lo, hi = 0.0, most / max(total, 1e-12)
         best: dict[int, Rank] = {}
         reference = runtime.run_all(original, self.context.holdout.inputs)
         for step in range(opts.auto_steps):
@@ -362,7 +450,8 @@ class BottleneckPass(RewritePass):
             else:
                 hi = mid
         self.report.metrics["auto_target"] = lo
-        self.report.note(f"target=auto: {lo:.1%} of the MACs removed keeps held-out cosine "
+        unit = "MACs" if self._timer is None else "measured time"
+        self.report.note(f"target=auto: {lo:.1%} of the {unit} removed keeps held-out cosine "
                          f">= {opts.min_cosine}")
         self._unplanned_reason = "not needed for the auto target"
         return best
@@ -407,9 +496,11 @@ class BottleneckPass(RewritePass):
     def _record_unplanned(self, candidates: list[Candidate], plan: dict[int, Rank]) -> None:
         for cand in candidates:
             if cand.index not in plan:
-                self.report.skipped(cand.name, "Conv", self._unplanned_reason,
+                self.report.skipped(cand.name, "Conv",
+                                    self._skip_reasons.get(cand.index, self._unplanned_reason),
                                     macs_before=cand.macs,
-                                    params_before=cand.weight.size + _size(cand.bias))
+                                    params_before=cand.weight.size + _size(cand.bias),
+                                    details=self._skip_details.get(cand.index, {}))
 
     def _target_chunks(self, chosen: list[Candidate]) -> list[list[Candidate]]:
         """Consecutive layers whose sampled original outputs fit the memory budget together."""
@@ -590,6 +681,8 @@ class BottleneckPass(RewritePass):
                 details["measured_rel_error"] = measured[cand.index]
             if cand.index in sensitivity:
                 details["sensitivity_rel_error"] = sensitivity[cand.index]
+            if self._timer is not None:
+                details.update(self._timer(cand.layer, rank.r, rank.r_out).as_details())
             self.report.applied(
                 cand.name, "Conv", _plan_line(rank, details),
                 macs_before=cand.macs, macs_after=int(macs_after),
@@ -668,10 +761,30 @@ class BottleneckPass(RewritePass):
         if measured:
             self.report.metrics["max_measured_rel_error"] = max(measured)
 
+    def _timing_totals(self, model_ms: float | None) -> None:
+        """Sums of the applied layers' measured times (each timed alone, so they add up only
+        approximately to the model's change)."""
+        rows = [d for d in self.report.decisions if d.applied and "layer_ms_before" in d.details]
+        before = sum(d.details["layer_ms_before"] for d in rows)
+        after = sum(d.details["layer_ms_after"] for d in rows)
+        self.report.metrics.update({
+            "objective": "latency",
+            "timing_threads": self.options.threads,
+            "layer_ms_before": round(before, 4),
+            "layer_ms_after": round(after, 4),
+            "layers_timed": self._timer.measurements,
+        })
+        if model_ms:
+            self.report.metrics["model_time_removed_share_est"] = round(
+                (before - after) / model_ms, 4)
+
     # the original model is kept for refit targets and measurements
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._original = model.clone()
         self._unplanned_reason = "rank would not save MACs"
+        self._skip_reasons: dict[int, str] = {}
+        self._skip_details: dict[int, dict] = {}
+        self._timer: conv_timing.ConvTimer | None = None
         self._merged_values: set[int] = set()
         try:
             return super().call(model)
@@ -687,6 +800,11 @@ def _reduce_refit_cost(cand: Candidate, rank: int) -> float:
     return float(rank * cand.channels) ** 2 * k * k
 
 
+def _slower_reason(timing: conv_timing.LayerTiming) -> str:
+    return (f"not faster in onnxruntime (measured {timing.speedup:.2f}x: "
+            f"{timing.before_ms:.3f} -> {timing.after_ms:.3f} ms)")
+
+
 def _plan_line(rank: Rank, details: dict) -> str:
     """The decision as the dry run prints it: rank, estimated and measured errors."""
     parts = [f"rank {rank.r}" + (f"->{rank.r_out}" if rank.r_out else "")]
@@ -697,6 +815,9 @@ def _plan_line(rank: Rank, details: dict) -> str:
         parts.append(f"sensitivity {details['sensitivity_rel_error']:.3f}")
     if "merged_into" in details:
         parts.append(f"merged into {details['merged_into']}")
+    if "layer_ms_before" in details:
+        parts.append(f"{details['layer_ms_before']:.3f} -> {details['layer_ms_after']:.3f} ms "
+                     f"(x{details['layer_speedup']:.2f})")
     return ", ".join(parts)
 
 

@@ -213,7 +213,8 @@ def candidate_ranks(channels: int, multiple: int) -> list[int]:
 
 @dataclass
 class LayerChoices:
-    """A layer's options for global allocation: per rank, MACs saved and estimated error²."""
+    """A layer's options for global allocation: per rank, MACs (or ms) saved and estimated
+    error²."""
 
     key: object
     ranks: list[int]
@@ -225,13 +226,14 @@ class LayerChoices:
 @dataclass
 class Allocation:
     ranks: dict = field(default_factory=dict)  # key -> rank (absent: left alone)
-    macs_saved: int = 0
+    macs_saved: float = 0
     reached: bool = False
 
 
-def allocate_ranks(layers: Sequence[LayerChoices], macs_to_save: int) -> Allocation:
+def allocate_ranks(layers: Sequence[LayerChoices], macs_to_save: float) -> Allocation:
     """Greedy global allocation: repeatedly take the step with the least added (weighted)
-    error per MAC saved until `macs_to_save` is reached.
+    error per MAC saved until `macs_to_save` is reached. The gains may be any additive cost
+    (objective=latency passes measured milliseconds in `macs_saved`).
 
     From a layer's current choice every cheaper rank is a possible step (the lower convex hull
     of its error-vs-saving curve), so a rank with little saving does not block a better one below.

@@ -358,3 +358,108 @@ def test_cli_writes_a_rewritten_model(tmp_path: Path):
     assert len(written.graph.node) == 8  # 3 reduce + 3 kxk + 2 relu
     x = _calib(2).inputs["x"]
     assert _outputs(written, {"x": x})[0].shape == (2, 32, 12, 12)
+
+
+# ------------------------------------------------------------------------------ objective=latency
+
+
+def _stride_pair_model() -> onnx.ModelProto:
+    """x -> conv_a (3x3, stride 1) -> Relu -> conv_b (3x3, stride 2): two differently shaped
+    layers, so a stub timer can tell them apart."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((0.1 * rng.standard_normal((32, 32, 3, 3))).astype(
+        np.float32), name) for name in ("W_a", "W_b")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W_b"], ["y"], name="conv_b", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits)
+
+
+@pytest.fixture
+def stub_timer(monkeypatch):
+    """Deterministic timings: the stride-1 layer costs 4 ms and its factorization
+    4·(r/32 + 0.1) ms; the stride-2 layer's factorization is always 10% slower. Records calls."""
+    from rewriter import conv_timing
+
+    calls = []
+
+    def fake(layer, rank, rank_out=None, threads=1, min_time_s=0.0):
+        calls.append((layer.geometry.strides, rank, rank_out, threads))
+        if layer.geometry.strides == (2, 2):
+            return conv_timing.LayerTiming(1.0, 1.1, 1.0 / 1.1)
+        after = 4.0 * (rank / layer.in_shape[1] + 0.1)
+        return conv_timing.LayerTiming(4.0, after, 4.0 / after)
+
+    monkeypatch.setattr(conv_timing, "time_factorization", fake)
+    monkeypatch.setattr(conv_timing, "model_time_ms", lambda *a, **k: 10.0)
+    return calls
+
+
+def test_latency_objective_skips_the_layer_measured_slower(stub_timer):
+    result = rewrite(load(_stride_pair_model()),
+                     ["bottleneck:ratio=0.5,objective=latency,threads=2"])
+    applied, skipped = _decision(result, "conv_a"), _decision(result, "conv_b")
+    assert applied.applied and not skipped.applied
+    assert skipped.reason.startswith("not faster in onnxruntime (measured 0.91x")
+    assert skipped.details["layer_ms_after"] == 1.1
+    assert applied.details["layer_ms_before"] == 4.0
+    assert applied.details["layer_ms_after"] == pytest.approx(4.0 * 0.6, abs=1e-3)
+    metrics = result.report.passes[0].metrics
+    assert metrics["objective"] == "latency" and metrics["layers_timed"] == 2
+    assert {c[3] for c in stub_timer} == {2}  # the threads option reaches the timer
+    assert len(stub_timer) == 2  # each layer timed once: the report reuses the cached numbers
+    checked_proto(result.model)
+
+
+def test_latency_min_gain_follows_the_measured_share(stub_timer):
+    # conv_a at rank 16 saves 40% of its time: kept at min-gain 0.35, skipped at 0.45
+    kept = rewrite(load(_stride_pair_model()), ["bottleneck:ratio=0.5,objective=latency,"
+                                                "min-gain=0.35"])
+    dropped = rewrite(load(_stride_pair_model()), ["bottleneck:ratio=0.5,objective=latency,"
+                                                   "min-gain=0.45"])
+    assert _decision(kept, "conv_a").applied
+    assert not _decision(dropped, "conv_a").applied
+    assert "nothing to do" in " ".join(dropped.report.passes[0].notes)
+
+
+def test_latency_target_allocates_measured_milliseconds(stub_timer):
+    # model "takes" 10 ms; target 0.1 = 1 ms to save: conv_a alone can, conv_b never saves time
+    result = rewrite(load(_stride_pair_model()),
+                     ["bottleneck:target=0.1,objective=latency,latency-ranks=3"])
+    conv_a, conv_b = _decision(result, "conv_a"), _decision(result, "conv_b")
+    assert conv_a.applied and conv_b.reason.startswith("not faster in onnxruntime")
+    saved = conv_a.details["layer_ms_before"] - conv_a.details["layer_ms_after"]
+    assert saved >= 1.0
+    # timed grid 24/16/8 saves 0.6/1.6/2.6 ms: rank 16 is the largest that meets the 1 ms
+    assert conv_a.details["rank"] == 16
+    assert len({c[1] for c in stub_timer if c[0] == (1, 1)}) == 3  # a 3-rank grid was timed
+    assert result.report.passes[0].metrics["model_time_removed_share_est"] >= 0.1
+
+
+def test_latency_objective_option_is_validated():
+    with pytest.raises(Exception, match="objective"):
+        rewrite(load(_stride_pair_model()), ["bottleneck:objective=seconds"])
+    with pytest.raises(Exception, match="min-gain"):
+        rewrite(load(_stride_pair_model()), ["bottleneck:objective=latency,min-gain=1.5"])
+
+
+def test_latency_objective_real_timing_has_the_report_structure():
+    """A real onnxruntime timing of a tiny layer (where the 1x1's overhead may well dominate):
+    whichever way it goes, the decision carries the measured numbers."""
+    proto = conv_model([1, 16, 6, 6], 16, [3, 3], pads=[1, 1, 1, 1])
+    result = rewrite(load(proto), ["bottleneck:ratio=0.5,objective=latency"])
+    decision = _decision(result)
+    assert {"layer_ms_before", "layer_ms_after"} <= set(decision.details)
+    if decision.applied:
+        assert decision.details["layer_speedup"] >= 1 / 0.95
+    else:
+        assert decision.reason.startswith("not faster in onnxruntime (measured")
+        assert decision.details["layer_speedup"] < 1 / 0.95
+    out = checked_proto(result.model)
+    x = np.random.default_rng(0).standard_normal((1, 16, 6, 6)).astype(np.float32)
+    assert _outputs(out, {"x": x})[0].shape == (1, 16, 6, 6)
