@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m rewriter.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(if $(filter 1,$(FULL)),--full,)
