@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import zoo_model
 from rewriter import load, runtime
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.calibration import CalibrationSet
@@ -29,7 +30,6 @@ from rewriter.pipeline import rewrite
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "bottleneck.json"
-CACHE = Path("/tmp/onexone-bench-bottleneck/zoo")
 TRAINED = ROOT / "models" / "trained"
 
 QUICK_ZOO = [("inception3a", "in", 0.25, "macs"), ("inception3a", "in", 0.25, "latency"),
@@ -45,22 +45,12 @@ DIGITS_TARGETS = (0.5, 0.7, 0.8, 0.9)
 INITS = ("svd", "whitened", "refit")
 
 
-def _zoo_model(name: str) -> Path:
-    from models.export import export
-
-    path = CACHE / f"{name}-dyn.onnx"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        export(name, path, dynamic_batch=True)
-    return path
-
-
 def zoo_case(name: str, mode: str, ratio: float, threads: list[int], batches: list[int],
              min_time_s: float, objective: str = "macs") -> dict[str, Any]:
     """Rewrite one zoo model (svd init) and time it against the original."""
     started = time.perf_counter()
     spec = f"bottleneck:ratio={ratio},mode={mode},objective={objective}"
-    result = rewrite(load(_zoo_model(name)), [spec], guard=False)
+    result = rewrite(load(zoo_model(name)), [spec], guard=False)
     rewrite_s = time.perf_counter() - started
     report = result.report
     mac_reduction = report.macs_before / max(report.macs_after, 1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import zoo_model
 from rewriter import load, runtime
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.calibration import CalibrationSet
@@ -27,7 +28,6 @@ from rewriter.shapes import with_input_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "dense_head.json"
-CACHE = Path("/tmp/onexone-bench/zoo")
 TRAINED = ROOT / "models" / "trained"
 
 QUICK_DIGITS = [("hidden=0", 0), ("hidden=0", 1000), ("hidden=16", 0), ("hidden=16", 1000)]
@@ -35,16 +35,6 @@ FULL_DIGITS = [(h, steps) for h in ("hidden=0", "hidden=8", "hidden=16", "keep w
                for steps in (0, 1000, 4000)]
 QUICK_GAP_ZOO = ["mobilenetv2"]
 FULL_GAP_ZOO = ["mobilenetv2", "resnet50", "googlenet"]
-
-
-def _zoo_model(name: str) -> Path:
-    from models.export import export
-
-    path = CACHE / f"{name}-dyn.onnx"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        export(name, path, dynamic_batch=True)
-    return path
 
 
 def _head(result) -> dict[str, Any]:
@@ -114,7 +104,7 @@ def digits_case(hidden: str, distill: int) -> dict[str, Any]:
 
 def convnet_case(min_time_s: float) -> dict[str, Any]:
     """The zoo's classic ConvNet (random weights): structure and parameter cut only."""
-    result = rewrite(load(_zoo_model("convnet")), ["dense-head"], calib="random")
+    result = rewrite(load(zoo_model("convnet")), ["dense-head"], calib="random")
     head = _head(result)
     head.pop("decisions")
     report = result.report
@@ -173,7 +163,7 @@ def run(full: bool = False) -> dict[str, Any]:
                                        [(1, 3, 48, 192), (4, 3, 48, 192), (2, 3, 64, 320)],
                                        "x", min_time))
     for name in FULL_GAP_ZOO if full else QUICK_GAP_ZOO:
-        out["exact"].append(exact_case(f"zoo {name}", _zoo_model(name),
+        out["exact"].append(exact_case(f"zoo {name}", zoo_model(name),
                                        [(1, 3, 224, 224), (2, 3, 224, 224)], "input", min_time))
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from rewriter.report import jsonable
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 
@@ -34,7 +36,7 @@ def run_topic(topic: str, full: bool) -> dict[str, Any]:
     try:
         module = importlib.import_module(entry["module"])
         result = module.run(full=full)
-        entry.update(status="ok", result=_jsonable(result))
+        entry.update(status="ok", result=jsonable(result))
     except Exception as exc:  # a broken topic must not stop the others
         entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                      traceback=traceback.format_exc(limit=8))
@@ -96,25 +98,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if markdown:
             lines += ["", f"## {e['topic']}", "", markdown.strip()]
     return "\n".join(lines) + "\n"
-
-
-def _jsonable(obj: Any) -> Any:
-    """numpy scalars/arrays to plain JSON types; non-finite floats to None."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 if __name__ == "__main__":

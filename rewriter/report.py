@@ -65,14 +65,14 @@ class PassReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "options": _jsonable(self.options),
+            "options": jsonable(self.options),
             "exact": self.exact,
             "error_bound": self.error_bound,
             "applied": self.n_applied,
             "skipped": len(self.decisions) - self.n_applied,
             "notes": list(self.notes),
-            "metrics": _jsonable(self.metrics),
-            "decisions": [_jsonable(d.to_dict()) for d in self.decisions],
+            "metrics": jsonable(self.metrics),
+            "decisions": [jsonable(d.to_dict()) for d in self.decisions],
         }
 
 
@@ -104,7 +104,7 @@ class RunReport:
             "model": self.model,
             "output": self.output,
             "written": self.written,
-            "options": _jsonable(self.options),
+            "options": jsonable(self.options),
             "macs_before": int(self.macs_before),
             "macs_after": int(self.macs_after),
             "params_before": int(self.params_before),
@@ -112,11 +112,11 @@ class RunReport:
             "file_size_before": self.file_size_before,
             "file_size_after": self.file_size_after,
             "passes": [p.to_dict() for p in self.passes],
-            "fidelity": _jsonable(self.fidelity),
-            "latency": _jsonable(self.latency),
-            "gates": _jsonable(self.gates),
+            "fidelity": jsonable(self.fidelity),
+            "latency": jsonable(self.latency),
+            "gates": jsonable(self.gates),
             "warnings": list(self.warnings),
-            "tool": _jsonable(self.tool),
+            "tool": jsonable(self.tool),
         }
 
     def to_json(self) -> str:
@@ -144,18 +144,18 @@ def versions() -> dict[str, str]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy scalars/arrays and tuples to plain JSON types; NaN/inf to None."""
     import math
 
     import numpy as np
 
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, (np.floating, float)):

@@ -29,18 +29,10 @@ def checked_proto(model: ir.Model) -> onnx.ModelProto:
 
 def random_feeds(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
                  seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded normal inputs for every float graph input (symbolic dims need `shapes`)."""
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in proto.graph.initializer}
-    feeds = {}
-    for value in proto.graph.input:
-        if value.name in inits:
-            continue
-        dims = (shapes or {}).get(value.name) or tuple(
-            d.dim_value for d in value.type.tensor_type.shape.dim
-        )
-        feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
+    """Seeded inputs for every graph input (`shapes` fixes symbolic dims)."""
+    from tests.modelcheck import seeded_feeds
+
+    return seeded_feeds(proto, seed=seed, overrides=shapes)
 
 
 def max_rel_error(reference: np.ndarray, candidate: np.ndarray) -> float:
