@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         status = entry["status"] if entry["status"] == "ok" else f"FAILED: {entry['error']}"
         print(f"[bench] {topic}: {status} in {entry['wall_s']} s", flush=True)
         entries.append(entry)
+    if args.only:
+        entries = _merge_with_previous(entries, "full" if args.full else "quick")
     summary = {
         "mode": "full" if args.full else "quick",
         "machine": machine_info(),
@@ -74,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "summary.md").write_text(summary_markdown(summary))
     print(f"[bench] wrote {RESULTS / 'summary.json'} and summary.md", flush=True)
     return 0 if all(e["status"] == "ok" for e in entries) else 1
+
+
+def _merge_with_previous(entries: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """With --only, keep the other topics of the last summary of the same mode (a partial rerun
+    updates the summary instead of erasing it)."""
+    path = RESULTS / "summary.json"
+    if not path.exists():
+        return entries
+    previous = json.loads(path.read_text())
+    if previous.get("mode") != mode:
+        return entries
+    fresh = {e["topic"]: e for e in entries}
+    merged = [fresh.pop(e["topic"], e) for e in previous.get("topics", [])]
+    return sorted(merged + list(fresh.values()), key=lambda e: e["topic"])
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
