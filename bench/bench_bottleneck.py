@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import zoo_model
+from bench.tables import bottleneck_markdown
 from rewriter import load, runtime
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.calibration import CalibrationSet
@@ -158,6 +159,7 @@ def run(full: bool = False) -> dict[str, Any]:
     out["summary"] = summarize(out)
     out["wall_s"] = round(time.perf_counter() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out["markdown"] = bottleneck_markdown(out)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     return out
 

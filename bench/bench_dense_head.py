@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import zoo_model
+from bench.tables import dense_head_markdown
 from rewriter import load, runtime
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.calibration import CalibrationSet
@@ -167,6 +168,7 @@ def run(full: bool = False) -> dict[str, Any]:
                                        [(1, 3, 224, 224), (2, 3, 224, 224)], "input", min_time))
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out["markdown"] = dense_head_markdown(out)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     return out
 

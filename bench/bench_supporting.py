@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench.tables import supporting_markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "supporting.json"
 TRAINED = ROOT / "models" / "trained"
@@ -195,6 +197,7 @@ def run(full: bool = False) -> dict[str, Any]:
         }
     result["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    result["markdown"] = supporting_markdown(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
