@@ -33,7 +33,9 @@ class PassOptions:
 def option(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
     """A dataclass field with help text for `--list-passes`."""
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kw
+        )
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
@@ -53,7 +55,9 @@ class RewritePass(ir.passes.InPlacePass):
     ) -> None:
         super().__init__()
         self.options = (
-            options if isinstance(options, PassOptions) else parse_options(self.Options, options or {}, self.name)
+            options
+            if isinstance(options, PassOptions)
+            else parse_options(self.Options, options or {}, self.name)
         )
         self.context = context or PassContext()
         self.report = PassReport(self.name, exact=self.exact)

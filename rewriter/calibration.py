@@ -125,14 +125,18 @@ def load_calibration(
     return data
 
 
-def _from_mapping(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> CalibrationSet:
+def _from_mapping(
+    arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str
+) -> CalibrationSet:
     labels = arrays.pop("labels", None)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise CalibrationError(
             f"--calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
         )
-    inputs = {s.name: np.ascontiguousarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs}
+    inputs = {
+        s.name: np.ascontiguousarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs
+    }
     return CalibrationSet(inputs, labels, source, synthetic=False)
 
 
@@ -162,13 +166,17 @@ def _random(
 def _check_against_model(data: CalibrationSet, specs: list[InputSpec]) -> None:
     counts = {k: len(v) for k, v in data.inputs.items()}
     if len(set(counts.values())) > 1:
-        raise CalibrationError(f"--calib {data.source}: inputs have different sample counts {counts}")
+        raise CalibrationError(
+            f"--calib {data.source}: inputs have different sample counts {counts}"
+        )
     if data.n == 0:
         raise CalibrationError(f"--calib {data.source}: no samples")
     for s in specs:
         got = data.inputs[s.name].shape
         want = s.shape
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want[1:], got[1:])):
+        if len(got) != len(want) or any(
+            w is not None and w != g for w, g in zip(want[1:], got[1:], strict=False)
+        ):
             raise CalibrationError(
                 f"--calib {data.source}: input '{s.name}' has shape {list(got)}, model expects "
                 f"{['?' if d is None else d for d in want]}"

@@ -29,35 +29,69 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done, 1 bad input or failure, 2 usage, 3 quality gate failed",
     )
     p.add_argument("model", nargs="?", help="input .onnx model")
-    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
-                   help="pass to run (repeatable, runs in order); list values use '|'")
+    p.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,...]",
+        help="pass to run (repeatable, runs in order); list values use '|'",
+    )
     p.add_argument("-o", "--output", help="output path (default: MODEL.rewritten.onnx)")
     p.add_argument("--config", help="pipeline TOML file (passes, calibration, gates, outputs)")
     p.add_argument("--calib", help="calibration data: .npz, .npy, image folder, or 'random'")
-    p.add_argument("--eval", metavar="SPEC",
-                   help="data to measure fidelity on (same forms as --calib, e.g. a labelled "
-                   "test .npz); default: the held-out calibration samples")
+    p.add_argument(
+        "--eval",
+        metavar="SPEC",
+        help="data to measure fidelity on (same forms as --calib, e.g. a labelled "
+        "test .npz); default: the held-out calibration samples",
+    )
     p.add_argument("--preprocess", help="for image folders: size=224,mean=...,std=...,layout=NCHW")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="fix dynamic input dims for analysis and benchmarking (never in the output)")
-    p.add_argument("--report", action="append", default=[], metavar="PATH",
-                   help="write the report (.json or .md; repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="plan only: print decisions, write nothing")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2,...",
+        help="fix dynamic input dims for analysis and benchmarking (never in the output)",
+    )
+    p.add_argument(
+        "--report",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="write the report (.json or .md; repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="plan only: print decisions, write nothing"
+    )
     p.add_argument("--analyze", action="store_true", help="per-layer MACs/params and candidates")
     p.add_argument("--json", action="store_true", help="with --analyze: JSON on stdout only")
     p.add_argument("--list-passes", action="store_true", help="list passes, options and defaults")
-    p.add_argument("--distill", nargs="?", const="", metavar="k=v,...",
-                   help="after the passes, train the weights they created against the original's "
-                   "outputs on --calib inputs (torch extra), e.g. steps=500,lr=1e-3")
+    p.add_argument(
+        "--distill",
+        nargs="?",
+        const="",
+        metavar="k=v,...",
+        help="after the passes, train the weights they created against the original's "
+        "outputs on --calib inputs (torch extra), e.g. steps=500,lr=1e-3",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and training (default 0)")
-    p.add_argument("--holdout", type=float, default=0.25,
-                   help="share of calibration samples held out for fidelity (default 0.25)")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        help="share of calibration samples held out for fidelity (default 0.25)",
+    )
     p.add_argument("--max-drop", type=float, help="gate: max drop of accuracy / top-1 agreement")
     p.add_argument("--min-cosine", type=float, help="gate: min output cosine similarity")
     p.add_argument("--min-speedup", type=float, help="gate: min measured speedup (needs --bench)")
-    p.add_argument("--keep-failed", action="store_true", help="write the model even if a gate fails")
+    p.add_argument(
+        "--keep-failed", action="store_true", help="write the model even if a gate fails"
+    )
     p.add_argument("--bench", action="store_true", help="measure latency in onnxruntime (A/B)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)"
+    )
     p.add_argument("--batch", type=int, action="append", default=[], help="benchmark batch size(s)")
     p.add_argument("--plot", help="write a PNG of per-layer MACs and latency (needs [plot] extra)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on the terminal")

@@ -19,9 +19,29 @@ from rewriter.graph import const_tensor, conv_geometry
 from rewriter.shapes import static_shape
 
 _ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid",
-    "HardSwish", "Clip", "Tanh", "Softmax", "BatchNormalization", "Pow", "Sqrt", "Exp",
-    "Erf", "Gelu", "InstanceNormalization", "LayerNormalization", "Max", "Min",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Clip",
+    "Tanh",
+    "Softmax",
+    "BatchNormalization",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Erf",
+    "Gelu",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "Max",
+    "Min",
 }
 
 
@@ -174,7 +194,9 @@ def model_cost(model: ir.Model) -> ModelCost:
     )
 
 
-def conv_macs(out_positions: int, out_channels: int, in_channels: int, kernel: Sequence[int]) -> int:
+def conv_macs(
+    out_positions: int, out_channels: int, in_channels: int, kernel: Sequence[int]
+) -> int:
     """MACs of a group-1 conv producing `out_positions` x `out_channels` outputs."""
     return out_positions * out_channels * in_channels * _prod(kernel)
 

@@ -28,7 +28,9 @@ def evaluate_gates(
     if min_cosine is not None:
         if "cosine" in fidelity:
             cos = fidelity["cosine"]
-            gates.append(_gate("min-cosine", cos >= min_cosine, cos, min_cosine, "worst output cosine"))
+            gates.append(
+                _gate("min-cosine", cos >= min_cosine, cos, min_cosine, "worst output cosine")
+            )
         else:
             gates.append(_missing("min-cosine", "needs --calib"))
     if min_speedup is not None:
@@ -42,8 +44,13 @@ def evaluate_gates(
 
 
 def _gate(name: str, passed: bool, value: float, limit: float, what: str) -> dict[str, Any]:
-    return {"name": name, "passed": bool(passed), "value": float(value), "limit": float(limit),
-            "detail": f"{what} {value:.4g} vs limit {limit:.4g}"}
+    return {
+        "name": name,
+        "passed": bool(passed),
+        "value": float(value),
+        "limit": float(limit),
+        "detail": f"{what} {value:.4g} vs limit {limit:.4g}",
+    }
 
 
 def _missing(name: str, why: str) -> dict[str, Any]:

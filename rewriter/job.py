@@ -44,8 +44,13 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
             from rewriter.bench import benchmark_models
 
             report.latency = benchmark_models(
-                result.original, result.model, shapes, threads=args.threads,
-                batches=args.batch or [1], data=result.holdout, seed=args.seed,
+                result.original,
+                result.model,
+                shapes,
+                threads=args.threads,
+                batches=args.batch or [1],
+                data=result.holdout,
+                seed=args.seed,
             )
     source = model.meta.get(META_SOURCE)
     if source:
@@ -54,12 +59,16 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
     failed = [g for g in report.gates if not g["passed"]]
     report.options.update(_cli_options(args))
 
-    output = None if args.dry_run else Path(args.output) if args.output else default_output(args.model)
+    output = (
+        None if args.dry_run else Path(args.output) if args.output else default_output(args.model)
+    )
     if output is not None and (not failed or args.keep_failed):
         written = save(result.model, output)
         report.output, report.written = str(written), True
         report.file_size_after = sum(
-            p.stat().st_size for p in (written, written.with_name(written.name + ".data")) if p.exists()
+            p.stat().st_size
+            for p in (written, written.with_name(written.name + ".data"))
+            if p.exists()
         )
     elif output is not None:
         report.output = str(output)
@@ -107,8 +116,11 @@ def _cli_options(args: argparse.Namespace) -> dict[str, Any]:
         "bench": bool(args.bench),
         "threads": args.threads,
         "batch": list(args.batch or [1]),
-        "gates": {"max_drop": args.max_drop, "min_cosine": args.min_cosine,
-                  "min_speedup": args.min_speedup},
+        "gates": {
+            "max_drop": args.max_drop,
+            "min_cosine": args.min_cosine,
+            "min_speedup": args.min_speedup,
+        },
         "keep_failed": bool(args.keep_failed),
         "dry_run": bool(args.dry_run),
         "config": args.config,

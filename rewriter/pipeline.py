@@ -138,7 +138,9 @@ def rewrite(
     report = RunReport(model=model.meta.get(META_SOURCE))
     report.options = {
         "passes": [str(s) for s in specs],
-        "calib": None if calib is None or isinstance(calib, (Mapping, CalibrationSet)) else str(calib),
+        "calib": None
+        if calib is None or isinstance(calib, (Mapping, CalibrationSet))
+        else str(calib),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "holdout": holdout,
         "seed": seed,
@@ -152,10 +154,13 @@ def rewrite(
         context.fit, context.holdout = data.split(holdout, seed)
         if data.synthetic:
             report.warnings.append(
-                "calibration data is random: data-aware results mean little, fidelity is a smoke test"
+                "calibration data is random: data-aware results mean little, "
+                "fidelity is a smoke test"
             )
-        log(f"calibration: {data.n} samples from {data.source} "
-            f"({context.fit.n} fit, {context.holdout.n} held out)")
+        log(
+            f"calibration: {data.n} samples from {data.source} "
+            f"({context.fit.n} fit, {context.holdout.n} held out)"
+        )
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
@@ -190,17 +195,19 @@ def rewrite(
     elif context.holdout is not None and report.passes:
         report.fidelity = measure_fidelity(original, model, context.holdout)
         report.fidelity["dataset"] = "held-out calibration samples"
-    return RewriteResult(
-        model, report, original, context.fit, context.holdout, discarded, shapes
-    )
+    return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
 
 
-def analysis_cost(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:
+def analysis_cost(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> ModelCost:
     """Model cost on a copy with dynamic input dims fixed (batch 1 unless given)."""
     return model_cost(with_input_shapes(model, input_shapes or {}))
 
 
-def measure_fidelity(original: ir.Model, rewritten: ir.Model, data: CalibrationSet) -> dict[str, Any]:
+def measure_fidelity(
+    original: ir.Model, rewritten: ir.Model, data: CalibrationSet
+) -> dict[str, Any]:
     """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
     ref = runtime.run_all(original, data.inputs)
     got = runtime.run_all(rewritten, data.inputs)
@@ -261,7 +268,10 @@ def exact_tolerance(outputs: Iterable[np.ndarray]) -> float:
 
 
 def _check_pass(
-    model: ir.Model, report: PassReport, reference: dict[str, np.ndarray], inputs: dict[str, np.ndarray]
+    model: ir.Model,
+    report: PassReport,
+    reference: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     """Fail loudly when a pass moved outputs beyond its own declared bound."""
     try:
@@ -300,8 +310,9 @@ def _distill(
 
     parsed = parse_distill_options(options)  # bad options fail before any work
     before = measure_fidelity(original, model, context.holdout) if context.holdout else None
-    step = distill(original, model, context.fit, context.holdout, parsed,
-                   seed=context.seed, log=context.log)
+    step = distill(
+        original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
+    )
     if before is not None:
         step.metrics["fidelity_before"] = before
         step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout)

@@ -29,8 +29,21 @@ def _shape(s: Any) -> str:
 
 def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> None:
     table = Table(title="Per-layer cost (largest first; * = bottleneck candidate at ratio 0.5)")
-    for col in ("", "node", "op", "input", "output", "kernel", "MACs", "share", "params", "after 1x1"):
-        table.add_column(col, justify="right" if col in ("MACs", "share", "params", "after 1x1") else "left")
+    for col in (
+        "",
+        "node",
+        "op",
+        "input",
+        "output",
+        "kernel",
+        "MACs",
+        "share",
+        "params",
+        "after 1x1",
+    ):
+        table.add_column(
+            col, justify="right" if col in ("MACs", "share", "params", "after 1x1") else "left"
+        )
     for row in analysis.rows[:limit]:
         table.add_row(
             "*" if row.candidate else "",
@@ -54,8 +67,10 @@ def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> Non
         f"({saving / max(analysis.total_macs, 1):.1%}) at ratio 0.5"
     )
     if analysis.unknown:
-        console.print(f"[yellow]MACs unknown for {len(analysis.unknown)} nodes with dynamic shapes "
-                      "(fix them with --input-shape)[/yellow]")
+        console.print(
+            f"[yellow]MACs unknown for {len(analysis.unknown)} nodes with dynamic shapes "
+            "(fix them with --input-shape)[/yellow]"
+        )
 
 
 def print_run_report(report: RunReport, console: Console, limit: int = 30) -> None:
@@ -63,13 +78,20 @@ def print_run_report(report: RunReport, console: Console, limit: int = 30) -> No
         if not p.decisions:
             console.print(f"pass {p.name}: " + ("; ".join(p.notes) or "no candidates"))
             continue
-        table = Table(title=f"pass {p.name}: {p.n_applied} applied, "
-                      f"{len(p.decisions) - p.n_applied} skipped")
+        table = Table(
+            title=f"pass {p.name}: {p.n_applied} applied, {len(p.decisions) - p.n_applied} skipped"
+        )
         for col in ("node", "op", "decision", "reason", "MACs before", "MACs after"):
             table.add_column(col)
         for d in p.decisions[:limit]:
-            table.add_row(d.node, d.op, "applied" if d.applied else "skipped", d.reason,
-                          human(d.macs_before), human(d.macs_after))
+            table.add_row(
+                d.node,
+                d.op,
+                "applied" if d.applied else "skipped",
+                d.reason,
+                human(d.macs_before),
+                human(d.macs_after),
+            )
         console.print(table)
         if len(p.decisions) > limit:
             console.print(f"... {len(p.decisions) - limit} more decisions (see --report)")
@@ -100,8 +122,11 @@ def _totals_line(report: RunReport) -> str:
 
 def _fidelity_line(f: dict[str, Any]) -> str:
     where = f.get("dataset") or "held-out calibration samples"
-    parts = [f"fidelity on {f.get('samples', '?')} samples ({where}): cosine {f['cosine']:.5f}",
-             f"rel L2 {f['rel_l2']:.4f}", f"SQNR {f['sqnr_db']:.1f} dB"]
+    parts = [
+        f"fidelity on {f.get('samples', '?')} samples ({where}): cosine {f['cosine']:.5f}",
+        f"rel L2 {f['rel_l2']:.4f}",
+        f"SQNR {f['sqnr_db']:.1f} dB",
+    ]
     if "top1_agreement" in f:
         parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
     if "accuracy_before" in f:
@@ -110,9 +135,11 @@ def _fidelity_line(f: dict[str, Any]) -> str:
 
 
 def _latency_line(lat: dict[str, Any]) -> str:
-    return (f"latency (threads {lat.get('threads')}, batch {lat.get('batch')}): "
-            f"{lat['original_ms']['median']:.3f} ms -> {lat['rewritten_ms']['median']:.3f} ms, "
-            f"speedup {lat['speedup']['median']:.2f}x")
+    return (
+        f"latency (threads {lat.get('threads')}, batch {lat.get('batch')}): "
+        f"{lat['original_ms']['median']:.3f} ms -> {lat['rewritten_ms']['median']:.3f} ms, "
+        f"speedup {lat['speedup']['median']:.2f}x"
+    )
 
 
 def run_report_markdown(report: RunReport) -> str:
@@ -123,16 +150,22 @@ def run_report_markdown(report: RunReport) -> str:
     if report.latency:
         lines += [_latency_line(report.latency), ""]
     for gate in report.gates:
-        lines.append(f"- gate `{gate['name']}`: {'pass' if gate.get('passed') else 'FAIL'} "
-                     f"({gate.get('detail', '')})")
+        lines.append(
+            f"- gate `{gate['name']}`: {'pass' if gate.get('passed') else 'FAIL'} "
+            f"({gate.get('detail', '')})"
+        )
     for p in report.passes:
         lines += ["", f"## pass `{p.name}`", "", f"options: `{p.options}`", ""]
-        lines += ["| node | op | decision | reason | MACs before | MACs after |",
-                  "| --- | --- | --- | --- | ---: | ---: |"]
+        lines += [
+            "| node | op | decision | reason | MACs before | MACs after |",
+            "| --- | --- | --- | --- | ---: | ---: |",
+        ]
         for d in p.decisions:
-            lines.append(f"| {d.node} | {d.op} | {'applied' if d.applied else 'skipped'} | "
-                         f"{d.reason} | {d.macs_before if d.macs_before is not None else ''} | "
-                         f"{d.macs_after if d.macs_after is not None else ''} |")
+            lines.append(
+                f"| {d.node} | {d.op} | {'applied' if d.applied else 'skipped'} | "
+                f"{d.reason} | {d.macs_before if d.macs_before is not None else ''} | "
+                f"{d.macs_after if d.macs_after is not None else ''} |"
+            )
         for note in p.notes:
             lines.append(f"\n- note: {note}")
     for w in report.warnings:

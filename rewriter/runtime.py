@@ -24,7 +24,9 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     if threads:
         options.intra_op_num_threads = threads
@@ -60,7 +62,9 @@ def make_session(
     except OnexoneError:
         raise
     except Exception as exc:
-        raise OnexoneError(f"onnxruntime cannot run the model: {' '.join(str(exc).split())[:300]}") from None
+        raise OnexoneError(
+            f"onnxruntime cannot run the model: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 def input_names(model: ir.Model) -> list[str]:
@@ -84,7 +88,9 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return clone
 
 
-def iter_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    inputs: Mapping[str, np.ndarray], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Slices of every input along the sample axis."""
     n = len(next(iter(inputs.values())))
     for start in range(0, n, batch_size):
@@ -146,7 +152,9 @@ def capture(
     yield from run_batched(session, inputs, names, batch_size, label)
 
 
-def run_all(model: ir.Model, inputs: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
+def run_all(
+    model: ir.Model, inputs: Mapping[str, np.ndarray], batch_size: int = 32
+) -> dict[str, np.ndarray]:
     """All graph outputs for all samples, concatenated (for fidelity on held-out data)."""
     session = make_session(model, optimize=True)
     parts: dict[str, list[np.ndarray]] = {}

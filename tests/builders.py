@@ -12,7 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
-def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, **kw) -> onnx.ModelProto:
+def make_model(
+    nodes, inputs, outputs, initializers=(), opset: int = OPSET, **kw
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kw)
     model.ir_version = 8
@@ -37,7 +39,9 @@ def conv_model(
     inits = [numpy_helper.from_array(w, "W")]
     conv_inputs = ["x", "W"]
     if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "B"))
+        inits.append(
+            numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "B")
+        )
         conv_inputs.append("B")
     nodes = [helper.make_node("Conv", conv_inputs, ["c" if relu else "y"], name="conv", **attrs)]
     if relu:

@@ -35,7 +35,9 @@ def test_pointwise_and_depthwise_convs_are_not_candidates():
 
 def test_json_output_is_only_json_with_integer_counts(tmp_path: Path):
     path = save(conv_model(["N", 256, 28, 28], 32, [5, 5], pads=[2, 2, 2, 2]), tmp_path / "m.onnx")
-    proc = subprocess.run([*REWRITE, str(path), "--analyze", "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*REWRITE, str(path), "--analyze", "--json"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["total_macs"] == 160_563_200 and isinstance(data["total_macs"], int)
@@ -44,7 +46,9 @@ def test_json_output_is_only_json_with_integer_counts(tmp_path: Path):
 
 
 def test_table_lists_largest_first(tmp_path: Path):
-    path = save(conv_model([1, 64, 32, 32], 64, [3, 3], pads=[1, 1, 1, 1], relu=True), tmp_path / "m.onnx")
+    path = save(
+        conv_model([1, 64, 32, 32], 64, [3, 3], pads=[1, 1, 1, 1], relu=True), tmp_path / "m.onnx"
+    )
     proc = subprocess.run([*REWRITE, str(path), "--analyze"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

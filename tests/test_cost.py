@@ -52,7 +52,9 @@ def test_conv_params_count_weights_and_bias():
 
 def test_grouped_strided_dilated_conv_macs():
     # depthwise 3x3 stride 2 on 32x16x16 -> 32x8x8: 8*8*32 outputs * 9 MACs each
-    dw = _costs(conv_model([1, 32, 16, 16], 32, [3, 3], group=32, strides=[2, 2], pads=[1, 1, 1, 1]))
+    dw = _costs(
+        conv_model([1, 32, 16, 16], 32, [3, 3], group=32, strides=[2, 2], pads=[1, 1, 1, 1])
+    )
     assert dw["conv"].macs == 8 * 8 * 32 * 9
     dil = _costs(conv_model([1, 8, 16, 16], 4, [3, 3], dilations=[2, 2]))  # 12x12 output
     assert dil["conv"].macs == 12 * 12 * 4 * 8 * 9
@@ -69,8 +71,10 @@ def test_gemm_and_matmul_macs():
     proto = make_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 100])],
-        [helper.make_tensor_value_info("g", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            helper.make_tensor_value_info("g", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+        ],
         [w, m],
     )
     costs = _costs(proto)
@@ -81,7 +85,9 @@ def test_gemm_and_matmul_macs():
 def test_symbolic_batch_counts_per_sample():
     costs = _costs(conv_model(["N", 256, 28, 28], 32, [5, 5], pads=[2, 2, 2, 2]))
     assert costs["conv"].macs is None  # unknown until shapes are fixed
-    analysis = rewriter.analyze(rewriter.load(conv_model(["N", 256, 28, 28], 32, [5, 5], pads=[2, 2, 2, 2])))
+    analysis = rewriter.analyze(
+        rewriter.load(conv_model(["N", 256, 28, 28], 32, [5, 5], pads=[2, 2, 2, 2]))
+    )
     assert analysis.total_macs == 160_563_200
 
 

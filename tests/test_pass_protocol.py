@@ -27,7 +27,9 @@ class _Opts(PassOptions):
 
 def test_parse_pass_spec_keeps_order_and_values():
     spec = parse_pass_spec("bottleneck:ratio=0.25,init=refit,exclude=head*|cls*")
-    assert spec == PassSpec("bottleneck", {"ratio": "0.25", "init": "refit", "exclude": "head*|cls*"})
+    assert spec == PassSpec(
+        "bottleneck", {"ratio": "0.25", "init": "refit", "exclude": "head*|cls*"}
+    )
     assert str(spec) == "bottleneck:ratio=0.25,init=refit,exclude=head*|cls*"
     assert parse_pass_spec("cleanup") == PassSpec("cleanup", {})
 
@@ -39,16 +41,29 @@ def test_malformed_pass_spec_is_a_usage_error(bad):
 
 
 def test_options_are_coerced_from_strings():
-    opts = parse_options(_Opts, {"ratio": "0.25", "rank": "16", "init": "refit",
-                                 "exclude": "a*|b*", "merge": "false"}, "t")
-    assert (opts.ratio, opts.rank, opts.init, opts.exclude, opts.merge) == (0.25, 16, "refit", ["a*", "b*"], False)
+    opts = parse_options(
+        _Opts,
+        {"ratio": "0.25", "rank": "16", "init": "refit", "exclude": "a*|b*", "merge": "false"},
+        "t",
+    )
+    assert (opts.ratio, opts.rank, opts.init, opts.exclude, opts.merge) == (
+        0.25,
+        16,
+        "refit",
+        ["a*", "b*"],
+        False,
+    )
     assert parse_options(_Opts, {"rank": "none"}, "t").rank is None
 
 
 @pytest.mark.parametrize(
     "raw, message",
-    [({"ratoi": "1"}, "unknown option 'ratoi'"), ({"init": "qr"}, "expected one of"),
-     ({"rank": "1.5"}, "rank=1.5"), ({"ratio": "2"}, "ratio must be in")],
+    [
+        ({"ratoi": "1"}, "unknown option 'ratoi'"),
+        ({"init": "qr"}, "expected one of"),
+        ({"rank": "1.5"}, "rank=1.5"),
+        ({"ratio": "2"}, "ratio must be in"),
+    ],
 )
 def test_bad_options_name_the_pass_and_option(raw, message):
     with pytest.raises(PassError, match=message):
