@@ -160,4 +160,39 @@ def with_input_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> i
         elif value.shape is not None and len(value.shape) > 0 and not _is_static(value.shape[:1]):
             value.shape = ir.Shape([1, *value.shape[1:]])
     infer_shapes(clone, strict=False, keep_outputs=False)
+    _shapes_by_running(clone)
     return clone
+
+
+def _shapes_by_running(model: ir.Model) -> None:
+    """Fill shapes static inference left unknown by running the fixed-shape copy once.
+
+    onnx's data propagation gives up on shape arithmetic such as Shape→Gather→Concat→Reshape
+    (PP-OCR's SVTR neck); with every input static, one onnxruntime run on zeros tells the real
+    sizes. Analysis copies only; skipped quietly when an input is still dynamic or the model
+    cannot run (custom ops).
+    """
+    graph = model.graph
+    missing = [
+        v for node in graph for v in node.outputs
+        if v.name and (v.shape is None or not _is_static(v.shape)) and not v.is_graph_output()
+    ]
+    missing += [v for v in graph.outputs if v.shape is None or not _is_static(v.shape)]
+    feeds_spec = [v for v in graph.inputs if v.name not in graph.initializers]
+    if not missing or not all(v.shape is not None and _is_static(v.shape) for v in feeds_spec):
+        return
+    import numpy as np
+
+    from rewriter import runtime  # local: runtime imports onnxruntime
+
+    try:
+        names = list(dict.fromkeys(v.name for v in missing))
+        session = runtime.make_session(runtime.with_outputs(model, names), optimize=False)
+        feeds = {v.name: np.zeros(tuple(v.shape), v.dtype.numpy()) for v in feeds_spec}
+        results = session.run(names, feeds)
+    except Exception:  # analysis stays as good as static inference made it
+        return
+    by_name = {v.name: v for v in missing}
+    for name, array in zip(names, results, strict=True):
+        if isinstance(array, np.ndarray):
+            by_name[name].shape = ir.Shape(list(array.shape))
