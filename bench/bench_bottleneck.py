@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import zoo_model
+from bench.common import rewrite_digits_and_score, zoo_model
 from bench.tables import bottleneck_markdown
-from rewriter import load, runtime
+from rewriter import load
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.calibration import CalibrationSet
 from rewriter.pipeline import rewrite
@@ -96,11 +96,7 @@ def digits_case(init: str, target: float, extra: str = "") -> dict[str, Any]:
     """Rewrite the trained digits CNN to remove `target` of its MACs; accuracy on the test split."""
     calib, test = _digits_data()
     spec = f"bottleneck:target={target},init={init},sensitivity=false{extra}"
-    started = time.perf_counter()
-    result = rewrite(load(TRAINED / "digits_cnn.onnx"), [spec], calib=calib)
-    rewrite_s = time.perf_counter() - started
-    ref = runtime.run_all(result.original, {"input": test["input"]})["logits"]
-    got = runtime.run_all(result.model, {"input": test["input"]})["logits"]
+    result, rewrite_s, ref, got = rewrite_digits_and_score([spec], calib, test["input"])
     labels = test["labels"]
     report = result.report
     return {

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import zoo_model
+from bench.common import rewrite_digits_and_score, zoo_model
 from bench.tables import dense_head_markdown
 from rewriter import load, runtime
 from rewriter.bench import benchmark_models, machine_info
@@ -77,11 +77,7 @@ def digits_case(hidden: str, distill: int) -> dict[str, Any]:
     if distill:
         options.append(f"distill={distill}")
     spec = "dense-head" + (":" + ",".join(options) if options else "")
-    started = time.perf_counter()
-    result = rewrite(load(TRAINED / "digits_cnn.onnx"), [spec], calib=data)
-    rewrite_s = time.perf_counter() - started
-    ref = runtime.run_all(result.original, {"input": test["input"]})["logits"]
-    got = runtime.run_all(result.model, {"input": test["input"]})["logits"]
+    result, rewrite_s, ref, got = rewrite_digits_and_score([spec], data, test["input"])
     labels = test["labels"]
     head = _head(result)
     (decision,) = head.pop("decisions")
