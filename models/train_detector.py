@@ -224,7 +224,7 @@ def train(
     loss_fn = DetectionLoss()
     steps = epochs * math.ceil(scenes_per_epoch / batch_size)
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     optimizer = torch.optim.AdamW(
