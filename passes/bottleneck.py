@@ -28,7 +28,8 @@ from passes.base import PassOptions, RewritePass, option
 from rewriter import conv_timing, lowrank, runtime
 from rewriter.cost import conv_macs, model_cost, round_rank
 from rewriter.errors import PassError
-from rewriter.fidelity import compare_arrays, output_fidelity
+from rewriter.evidence import check_evidence
+from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import (
     ConvGeometry,
     Namer,
@@ -77,6 +78,8 @@ class BottleneckOptions(PassOptions):
     merge: bool = option(True, "fold the 1x1 into a preceding linear 1x1 conv")
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
     auto_steps: int = option(6, "bisection steps for target=auto")
+    min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
+                                           "(default --min-samples, 16)")
     objective: Literal["macs", "latency"] = option(
         "macs", "macs: rank by MACs saved; latency: time each layer in onnxruntime on this "
                 "machine, skip layers that are not faster, and read target as a share of the "
@@ -189,6 +192,8 @@ class BottleneckPass(RewritePass):
         init = self._resolve_init()
         if opts.target == "auto" and not self.context.has_data:
             raise PassError("bottleneck: target=auto needs calibration data (--calib)")
+        if opts.target == "auto":
+            check_evidence(self.context, "bottleneck: target=auto", opts.min_samples)
         original = self._original
         candidates, total_macs = self._collect(model)
         if not candidates:
@@ -215,6 +220,9 @@ class BottleneckPass(RewritePass):
         self._totals(candidates, plan, total_macs, init)
         if self._timer is not None:
             self._timing_totals(budget if opts.target is not None else None)
+
+    def chooses_on_holdout(self) -> bool:
+        return self.options.target == "auto"
 
     def _resolve_init(self) -> str:
         init = self.options.init
@@ -440,10 +448,9 @@ class BottleneckPass(RewritePass):
             plan = self._quiet_plan(candidates, total, mid)
             trial = original.clone()
             self._execute(trial, original, candidates, plan, init)
-            got = runtime.run_all(trial, self.context.holdout.inputs)
-            cosine = output_fidelity(reference, got)["cosine"]
-            self.context.log(f"bottleneck auto: cut {mid:.1%} -> cosine {cosine:.5f}")
-            if cosine >= opts.min_cosine:
+            verdict = judge_candidate(trial, reference, self.context, opts.min_cosine)
+            self.context.log(f"bottleneck auto: cut {mid:.1%} -> {verdict.detail}")
+            if verdict.ok:
                 lo, best = mid, plan
                 if step == 0:
                     break
@@ -451,8 +458,10 @@ class BottleneckPass(RewritePass):
                 hi = mid
         self.report.metrics["auto_target"] = lo
         unit = "MACs" if self._timer is None else "measured time"
-        self.report.note(f"target=auto: {lo:.1%} of the {unit} removed keeps held-out cosine "
-                         f">= {opts.min_cosine}")
+        floor = ("the metric's drop <= max-drop" if self.context.metric is not None
+                 else f"every output group's task error <= {1 - opts.min_cosine:.3g}")
+        self.report.note(f"target=auto: {lo:.1%} of the {unit} removed keeps {floor} on "
+                         f"{self.context.holdout.n} held-out samples")
         self._unplanned_reason = "not needed for the auto target"
         return best
 
@@ -680,7 +689,7 @@ class BottleneckPass(RewritePass):
             if cand.index in measured:
                 details["measured_rel_error"] = measured[cand.index]
             if cand.index in sensitivity:
-                details["sensitivity_rel_error"] = sensitivity[cand.index]
+                details["sensitivity_task_error"] = sensitivity[cand.index]
             if self._timer is not None:
                 details.update(self._timer(cand.layer, rank.r, rank.r_out).as_details())
             self.report.applied(
@@ -721,8 +730,8 @@ class BottleneckPass(RewritePass):
 
     def _sensitivities(self, original: ir.Model, candidates: list[Candidate],
                        plan: dict[int, Rank], applied: dict[int, dict]) -> dict[int, float]:
-        """Model-output rel L2 on held-out data with only this layer factorized (data-free
-        factors at the chosen rank, so layers compare on equal terms)."""
+        """Model task error (worst output group) on held-out data with only this layer
+        factorized (data-free factors at the chosen rank, so layers compare on equal terms)."""
         if self.context.holdout is None or not self.options.sensitivity:
             return {}
         data = self.context.holdout.inputs
@@ -737,8 +746,7 @@ class BottleneckPass(RewritePass):
             self._rewrite(trial, _node_at(trial, cand.index), cand, factors,
                           plan[cand.index], Namer(trial))
             got = runtime.run_all(trial, data)
-            out[cand.index] = max(compare_arrays(reference[k], got[k])["rel_l2"]
-                                  for k in reference)
+            out[cand.index] = task_error(reference, got, self.context.groups)
         return out
 
     def _totals(self, candidates: list[Candidate], plan: dict[int, Rank], total: int,
@@ -811,8 +819,8 @@ def _plan_line(rank: Rank, details: dict) -> str:
     parts.append(f"est. err {details['estimated_rel_error']:.3f}")
     if "measured_rel_error" in details:
         parts.append(f"measured {details['measured_rel_error']:.3f}")
-    if "sensitivity_rel_error" in details:
-        parts.append(f"sensitivity {details['sensitivity_rel_error']:.3f}")
+    if "sensitivity_task_error" in details:
+        parts.append(f"sensitivity {details['sensitivity_task_error']:.3f}")
     if "merged_into" in details:
         parts.append(f"merged into {details['merged_into']}")
     if "layer_ms_before" in details:
