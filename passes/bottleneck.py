@@ -65,6 +65,9 @@ class BottleneckPass(RewritePass):
     Options = BottleneckOptions
     exact = False
 
+    def chooses_on_holdout(self) -> bool:
+        return self.options.target == "auto"
+
     def apply(self, model: ir.Model) -> None:
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
         if opts.method == "auto":

@@ -15,10 +15,11 @@ from typing import Literal
 import onnx_ir as ir
 
 from passes.base import PassOptions, option
-from rewriter import conv_timing, lowrank, runtime
+from rewriter import conv_timing, lowrank
 from rewriter.context import PassContext
 from rewriter.errors import PassError
-from rewriter.fidelity import compare_arrays, output_fidelity
+from rewriter.evidence import check_evidence
+from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import Namer
 from rewriter.lowrank_emit import emit
 from rewriter.lowrank_fit import FitSettings, fit_and_emit, spectra, start_factors
@@ -69,6 +70,8 @@ class LowRankOptions(PassOptions):
     max_positions: int = option(4096, "refit: output positions sampled per calibration batch")
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
     auto_steps: int = option(6, "bisection steps for target=auto")
+    min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
+                                           "(default --min-samples, 16)")
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy", "target") if getattr(self, n) is not None]
@@ -131,6 +134,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     init = resolve_init(opts.init, context, report, pass_name)
     if opts.target == "auto" and not context.has_data:
         raise PassError(f"{pass_name}: target=auto needs calibration data (--calib)")
+    if opts.target == "auto":
+        check_evidence(context, f"{pass_name}: target=auto", opts.min_samples)
     if len(methods) > 1 and opts.target is None:
         raise PassError(f"{pass_name}: method=auto chooses per layer against a global budget: "
                         "give target=<share> or target=auto")
@@ -183,13 +188,16 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         def accept(plan: Plan) -> bool:
             trial = original.clone()
             rewrite_into(trial, plan.ranks)
-            got = runtime.run_all(trial, context.holdout.inputs)
-            return output_fidelity(reference, got)["cosine"] >= opts.min_cosine
+            verdict = judge_candidate(trial, reference, context, opts.min_cosine)
+            context.log(f"{pass_name} auto: {verdict.detail}")
+            return verdict.ok
 
         plan, cut = auto_cut(choices(), budget, opts.auto_steps, accept, context.log)
         report.metrics["auto_target"] = cut
-        report.note(f"target=auto: {cut:.1%} of the {unit} removed keeps held-out cosine "
-                    f">= {opts.min_cosine}")
+        floor = ("the metric's drop <= max-drop" if context.metric is not None
+                 else f"every output group's task error <= {1 - opts.min_cosine:.3g}")
+        report.note(f"target=auto: {cut:.1%} of the {unit} removed keeps {floor} on "
+                    f"{context.holdout.n} held-out samples")
     elif opts.target is not None:
         plan = plan_for_target(choices(), budget, opts.target, unit)
     else:
@@ -213,18 +221,14 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
             {i: [r] for i, r in plan.ranks.items()},
             lambda layer, rank: start_factors(layer, spec, rank), context.holdout.inputs,
             context.holdout_reference(original),
-            lambda m, n, layer, f, namer: emit(m, n, layer, f, namer, merge), init, _worst_rel_l2)
+            lambda m, n, layer, f, namer: emit(m, n, layer, f, namer, merge), init,
+            lambda ref, got: task_error(ref, got, context.groups))
         sensitivity = {i: e for (i, _), e in errors.items()}
     record_applied(report, layers, plan, emitted, spec, measured, sensitivity, timer)
     record_totals(report, selection, init, mode)
     if timer is not None:
         record_timing_totals(report, timer, timing.threads,
                              budget if opts.target is not None else None)
-
-
-def _worst_rel_l2(reference, candidate) -> float:
-    """Sensitivity as the report has always shown it: worst output rel L2."""
-    return max(compare_arrays(reference[k], candidate[k])["rel_l2"] for k in reference)
 
 
 def _model_ms(original: ir.Model, context: PassContext, layers: Sequence[ConvLayer],
