@@ -195,6 +195,7 @@ def rewrite(
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
+    original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
     if reference is not None:
         context.groups = bind_groups(given_groups, reference)
         report.options["groups"] = format_groups(context.groups) or None
@@ -212,6 +213,8 @@ def rewrite(
     for spec, instance in zip(specs, instances, strict=True):
         log(f"pass {spec}")
         snapshot = model.clone() if reference is not None else None  # tensors are shared
+        context.before = snapshot  # run facts the pass may reuse instead of recomputing
+        context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
         report.passes.append(instance.report)
         if snapshot is None or not instance.report.n_applied:
@@ -227,8 +230,11 @@ def rewrite(
             report.warnings.append(f"internal check failed: {exc}")
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
+    context.before = context.reference = None
+    final_outputs = original_outputs is not None and reference
     if distill is not None:
         report.passes.append(_distill(original, model, context, distill))
+        final_outputs = None
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
@@ -243,7 +249,10 @@ def rewrite(
             dataset="report split of the calibration data (no choice saw it)", split="report"
         )
     elif context.holdout is not None and report.passes:
-        report.fidelity = measure_fidelity(original, model, context.holdout, context.groups)
+        report.fidelity = measure_fidelity(
+            original, model, context.holdout, context.groups, original_outputs,
+            final_outputs or None,
+        )
         report.fidelity.update(dataset="held-out calibration samples", split="holdout")
         if chooses:
             report.warnings.append(
@@ -274,14 +283,21 @@ def measure_fidelity(
     rewritten: ir.Model,
     data: CalibrationSet,
     groups: Sequence[OutputGroup] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    candidate: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Per-group fidelity of `rewritten` against `original` on `data` (held-out samples)."""
-    ref = runtime.run_all(original, data.inputs)
-    got = runtime.run_all(rewritten, data.inputs)
+    """Per-group fidelity of `rewritten` against `original` on `data` (held-out samples);
+    outputs the run already computed on `data` may be passed instead of recomputed."""
+    ref = reference if reference is not None else runtime.run_all(original, data.inputs)
+    got = candidate if candidate is not None else runtime.run_all(rewritten, data.inputs)
     result = task_fidelity(ref, got, groups, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
+
+
+def _holdout_inputs(context: PassContext) -> dict[str, np.ndarray] | None:
+    return context.holdout.inputs if context.holdout is not None else None
 
 
 def _guard_inputs(
