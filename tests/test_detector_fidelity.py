@@ -33,8 +33,9 @@ pytestmark = [
     pytest.mark.skipif(not (DETECTOR.exists() and CALIB.exists()),
                        reason="trained detector not in models/trained yet"),
 ]
-#: Weakens the class branch's convs only: class scores move, boxes do not.
-WEAKEN_CLASSES = "test-perturb:eps=-0.3,only=cls"
+#: Shrinks the class branch's conv weights by 3%: boxes exact, the score group's cosine still
+#: ~0.998, yet ~20% of thresholded decisions flip and mAP@0.5 drops ~5 points.
+WEAKEN_CLASSES = "test-perturb:eps=-0.03,only=cls"
 
 
 def run(*args) -> int:
