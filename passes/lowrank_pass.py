@@ -21,6 +21,7 @@ from rewriter.errors import PassError
 from rewriter.evidence import check_evidence
 from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import Namer
+from rewriter.groups import format_groups
 from rewriter.lowrank_allocate import back_off, measured_choices, measured_grid
 from rewriter.lowrank_emit import emit
 from rewriter.lowrank_fit import FitSettings, fit_and_emit, spectra, start_factors
@@ -57,8 +58,10 @@ class LowRankOptions(PassOptions):
     energy: float | None = option(None, "keep this share of the (whitened) squared spectrum")
     target: float | Literal["auto"] | None = option(
         None, "remove this share of the whole model's MACs (allocated by least error per MAC "
-              "saved), or 'auto': the largest cut whose held-out cosine stays >= min-cosine")
-    min_cosine: float = option(0.99, "fidelity floor for target=auto (worst output cosine)")
+              "saved), or 'auto': the largest cut whose held-out task error (worst output "
+              "group) stays <= 1 - min-cosine, or whose --metric drop stays <= --max-drop")
+    min_cosine: float = option(0.99, "fidelity floor for target=auto: every output group's "
+                                     "cosine, rel L2 and score flips (see README Fidelity)")
     init: Literal["auto", "svd", "whitened", "refit"] = option(
         "auto", "factor init: refit with --calib, svd without")
     round: int = option(DEFAULT_ROUND, "round ranks to a multiple of this (1: no rounding)")
@@ -180,8 +183,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     unit = "MACs" if timer is None else "measured time"
     reference = context.holdout_reference(original) if context.holdout is not None else None
 
-    def task_err(ref, got) -> float:
-        return task_error(ref, got, context.groups)
+    task_err = _group_task_error(context)
 
     def emit_trial(m: ir.Model, node: ir.Node, layer: ConvLayer, f, namer: Namer) -> object:
         return emit(m, node, layer, f, namer, merge)
@@ -324,6 +326,18 @@ def _task_details(index: int, plan: Plan, grid: dict, errors: dict) -> dict:
         out["task_error"] = errors[(index, rank)]
     return out
 
+
+
+def _group_task_error(context: PassContext):
+    """Sensitivity is the task error over the run's output groups (named per groups, so the
+    single-layer cache never mixes runs measured on different groups)."""
+    groups = list(context.groups)
+
+    def group_task_error(reference, candidate) -> float:
+        return task_error(reference, candidate, groups)
+
+    group_task_error.__qualname__ = f"group_task_error[{format_groups(groups)}]"
+    return group_task_error
 
 
 def _model_ms(original: ir.Model, context: PassContext, layers: Sequence[ConvLayer],

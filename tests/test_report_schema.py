@@ -67,3 +67,20 @@ def test_identical_outputs_infinite_sqnr_is_null_and_valid(tmp_path):
     data = json.loads(result.report.to_json())
     validate(data)
     assert data["fidelity"]["sqnr_db"] is None and data["fidelity"]["cosine"] == 1.0
+
+
+def test_detector_report_with_groups_and_metric_validates(tmp_path):
+    import tests.passes_for_tests  # noqa: F401
+    from tests.detector_builder import detector_images, synthetic_detector
+
+    model = synthetic_detector(tmp_path / "det.onnx")
+    result = rewriter.rewrite(model, ["test-perturb:eps=-0.1,only=cls_head"],
+                              calib={"images": detector_images(24)},
+                              metric="tests.metric_for_tests:evaluate")
+    report = result.report
+    report.gates = evaluate_gates(report, max_drop=0.01, min_cosine=0.99)
+    data = json.loads(report.to_json())
+    validate(data)
+    assert set(data["fidelity"]["groups"]) == {"output0:value", "output0:score"}
+    assert data["metric"]["calls"] == 2
+    assert {g["name"] for g in data["gates"]} == {"max-drop", "min-cosine", "max-flip"}
