@@ -18,7 +18,8 @@ from passes.base import PassOptions, option
 from rewriter import conv_timing, lowrank, runtime
 from rewriter.context import PassContext
 from rewriter.errors import PassError
-from rewriter.fidelity import compare_arrays, output_fidelity
+from rewriter.evidence import check_evidence
+from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import Namer
 from rewriter.lowrank_allocate import back_off, measured_choices, measured_grid
 from rewriter.lowrank_emit import emit
@@ -44,7 +45,7 @@ from rewriter.lowrank_plan import (
     timed_choices,
 )
 from rewriter.lowrank_select import DEFAULT_MIN_CHANNELS, ConvLayer, SelectRules, Skip, select_convs
-from rewriter.lowrank_sensitivity import model_error, rewritten_outputs, single_layer_errors
+from rewriter.lowrank_sensitivity import rewritten_outputs, single_layer_errors
 from rewriter.report import PassReport
 
 
@@ -81,6 +82,8 @@ class LowRankOptions(PassOptions):
         None, "target=auto: keep the held-out task error <= this (instead of min-cosine)")
     backoff_steps: int = option(4, "allocate=measured: rank steps backed off when the whole "
                                    "model is worse than the per-layer errors predict")
+    min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
+                                           "(default --min-samples, 16)")
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy", "target") if getattr(self, n) is not None]
@@ -111,6 +114,12 @@ class Timing:
     threads: int = 1
     min_gain: float = 0.05
     grid: int = 6
+
+
+def measures_on_holdout(opts: LowRankOptions, n_methods: int) -> bool:
+    """Whether the pass chooses on the held-out split (target=auto, measured allocation)."""
+    measured = opts.allocate == "measured" or (opts.allocate == "auto" and n_methods > 1)
+    return opts.target == "auto" or (opts.target is not None and measured)
 
 
 def resolve_init(init: str, context: PassContext, report: PassReport, pass_name: str) -> str:
@@ -149,6 +158,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     init = resolve_init(opts.init, context, report, pass_name)
     if opts.target == "auto" and not context.has_data:
         raise PassError(f"{pass_name}: target=auto needs calibration data (--calib)")
+    if opts.target == "auto":
+        check_evidence(context, f"{pass_name}: target=auto", opts.min_samples)
     if len(methods) > 1 and opts.target is None:
         raise PassError(f"{pass_name}: method=auto chooses per layer against a global budget: "
                         "give target=<share> or target=auto")
@@ -174,6 +185,12 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         budget = _model_ms(original, context, layers, timing, report)
     unit = "MACs" if timer is None else "measured time"
     reference = context.holdout_reference(original) if context.holdout is not None else None
+    groups = context.groups or None
+
+    def metric(ref, got) -> float:  # the worst output group's task error
+        return task_error(ref, got, groups)
+
+    metric_key = repr(groups)
 
     def emit_trial(m: ir.Model, node: ir.Node, layer: ConvLayer, f, namer: Namer) -> object:
         return emit(m, node, layer, f, namer, merge)
@@ -188,7 +205,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     if measured:
         grid = measured_grid(layers, methods, opts.round, estimate, opts.measure_ranks)
         errors = single_layer_errors(original, layers, grid, start, context.holdout.inputs,
-                                     reference, emit_trial, init, model_error, context.log)
+                                     reference, emit_trial, init, metric, metric_key,
+                                     context.log)
         report.metrics["allocation"] = "measured"
         report.metrics["sensitivity_trials"] = len(errors)
 
@@ -222,16 +240,23 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         def accept(plan: Plan) -> bool:
             trial = original.clone()
             rewrite_into(trial, plan.ranks)
-            got = runtime.run_all(trial, context.holdout.inputs)
             if opts.max_error is not None:
-                return model_error(reference, got) <= opts.max_error
-            return output_fidelity(reference, got)["cosine"] >= opts.min_cosine
+                got = runtime.run_all(trial, context.holdout.inputs)
+                return metric(reference, got) <= opts.max_error
+            verdict = judge_candidate(trial, reference, context, opts.min_cosine)
+            context.log(f"{pass_name} auto: {verdict.detail}")
+            return verdict.ok
 
         plan, cut = auto_cut(choices(), budget, opts.auto_steps, accept, context.log)
         report.metrics["auto_target"] = cut
-        floor = (f"task error <= {opts.max_error}" if opts.max_error is not None
-                 else f"cosine >= {opts.min_cosine}")
-        report.note(f"target=auto: {cut:.1%} of the {unit} removed keeps held-out {floor}")
+        if opts.max_error is not None:
+            floor = f"the worst output group's task error <= {opts.max_error:g}"
+        elif context.metric is not None:
+            floor = "the metric's drop <= max-drop"
+        else:
+            floor = f"every output group's task error <= {1 - opts.min_cosine:.3g}"
+        report.note(f"target=auto: {cut:.1%} of the {unit} removed keeps {floor} on "
+                    f"{context.holdout.n} held-out samples")
     elif opts.target is not None:
         layer_choices_now = choices()
         plan = plan_for_target(layer_choices_now, budget, opts.target, unit)
@@ -243,7 +268,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
             def whole(p: Plan) -> float:
                 rewrites = [(x, start(x, p.ranks[x.index])) for x in layers
                             if x.index in p.ranks]
-                return model_error(reference, rewritten_outputs(
+                return metric(reference, rewritten_outputs(
                     original, rewrites, context.holdout.inputs, emit_trial))
 
             plan, _ = back_off(plan, layer_choices_now, errors, whole, opts.backoff_steps,
@@ -272,7 +297,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         chosen = single_layer_errors(
             original, [x for x in layers if x.index in plan.ranks],
             {i: [r] for i, r in plan.ranks.items()}, start, context.holdout.inputs, reference,
-            emit_trial, init, _worst_rel_l2)
+            emit_trial, init, metric, metric_key)
         sensitivity = {i: e for (i, _), e in chosen.items()}
     task = {x.index: _task_details(x.index, plan, grid, errors) for x in layers}
     record_applied(report, layers, plan, emitted, spec, measured_out, sensitivity, timer, task)
@@ -308,11 +333,6 @@ def _task_details(index: int, plan: Plan, grid: dict, errors: dict) -> dict:
     if rank is not None and (index, rank) in errors:
         out["task_error"] = errors[(index, rank)]
     return out
-
-
-def _worst_rel_l2(reference, candidate) -> float:
-    """Sensitivity as the report has always shown it: worst output rel L2."""
-    return max(compare_arrays(reference[k], candidate[k])["rel_l2"] for k in reference)
 
 
 def _model_ms(original: ir.Model, context: PassContext, layers: Sequence[ConvLayer],
