@@ -21,7 +21,6 @@ from rewriter.errors import PassError
 from rewriter.evidence import check_evidence
 from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import Namer
-from rewriter.groups import format_groups
 from rewriter.lowrank_allocate import back_off, measured_choices, measured_grid
 from rewriter.lowrank_emit import emit
 from rewriter.lowrank_fit import FitSettings, fit_and_emit, spectra, start_factors
@@ -74,8 +73,6 @@ class LowRankOptions(PassOptions):
     max_positions: int = option(4096, "refit: output positions sampled per calibration batch")
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
     auto_steps: int = option(6, "bisection steps for target=auto")
-    min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
-                                           "(default --min-samples, 16)")
     allocate: Literal["auto", "spectrum", "measured"] = option(
         "auto", "what a target allocates on: spectrum (predicted errors) or measured (each "
                 "layer rewritten alone over a rank grid, task error on held-out data, cached); "
@@ -87,6 +84,8 @@ class LowRankOptions(PassOptions):
         None, "target=auto: keep the held-out task error <= this (instead of min-cosine)")
     backoff_steps: int = option(4, "allocate=measured: rank steps backed off when the whole "
                                    "model is worse than the per-layer errors predict")
+    min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
+                                           "(default --min-samples, 16)")
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy", "target") if getattr(self, n) is not None]
@@ -117,6 +116,12 @@ class Timing:
     threads: int = 1
     min_gain: float = 0.05
     grid: int = 6
+
+
+def measures_on_holdout(opts: LowRankOptions, n_methods: int) -> bool:
+    """Whether the pass chooses on the held-out split (target=auto, measured allocation)."""
+    measured = opts.allocate == "measured" or (opts.allocate == "auto" and n_methods > 1)
+    return opts.target == "auto" or (opts.target is not None and measured)
 
 
 def resolve_init(init: str, context: PassContext, report: PassReport, pass_name: str) -> str:
@@ -182,8 +187,12 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         budget = _model_ms(original, context, layers, timing, report)
     unit = "MACs" if timer is None else "measured time"
     reference = context.holdout_reference(original) if context.holdout is not None else None
+    groups = context.groups or None
 
-    task_err = _group_task_error(context)
+    def metric(ref, got) -> float:  # the worst output group's task error
+        return task_error(ref, got, groups)
+
+    metric_key = repr(groups)
 
     def emit_trial(m: ir.Model, node: ir.Node, layer: ConvLayer, f, namer: Namer) -> object:
         return emit(m, node, layer, f, namer, merge)
@@ -198,7 +207,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     if measured:
         grid = measured_grid(layers, methods, opts.round, estimate, opts.measure_ranks)
         errors = single_layer_errors(original, layers, grid, start, context.holdout.inputs,
-                                     reference, emit_trial, init, task_err, context.log)
+                                     reference, emit_trial, init, metric, metric_key,
+                                     context.log)
         report.metrics["allocation"] = "measured"
         report.metrics["sensitivity_trials"] = len(errors)
 
@@ -234,7 +244,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
             rewrite_into(trial, plan.ranks)
             if opts.max_error is not None:
                 got = runtime.run_all(trial, context.holdout.inputs)
-                return task_error(reference, got, context.groups) <= opts.max_error
+                return metric(reference, got) <= opts.max_error
             verdict = judge_candidate(trial, reference, context, opts.min_cosine)
             context.log(f"{pass_name} auto: {verdict.detail}")
             return verdict.ok
@@ -242,7 +252,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         plan, cut = auto_cut(choices(), budget, opts.auto_steps, accept, context.log)
         report.metrics["auto_target"] = cut
         if opts.max_error is not None:
-            floor = f"every output group's task error <= {opts.max_error:.3g}"
+            floor = f"the worst output group's task error <= {opts.max_error:g}"
         elif context.metric is not None:
             floor = "the metric's drop <= max-drop"
         else:
@@ -260,7 +270,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
             def whole(p: Plan) -> float:
                 rewrites = [(x, start(x, p.ranks[x.index])) for x in layers
                             if x.index in p.ranks]
-                return task_err(reference, rewritten_outputs(
+                return metric(reference, rewritten_outputs(
                     original, rewrites, context.holdout.inputs, emit_trial))
 
             plan, _ = back_off(plan, layer_choices_now, errors, whole, opts.backoff_steps,
@@ -289,7 +299,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         chosen = single_layer_errors(
             original, [x for x in layers if x.index in plan.ranks],
             {i: [r] for i, r in plan.ranks.items()}, start, context.holdout.inputs, reference,
-            emit_trial, init, task_err)
+            emit_trial, init, metric, metric_key)
         sensitivity = {i: e for (i, _), e in chosen.items()}
     task = {x.index: _task_details(x.index, plan, grid, errors) for x in layers}
     record_applied(report, layers, plan, emitted, spec, measured_out, sensitivity, timer, task)
@@ -325,19 +335,6 @@ def _task_details(index: int, plan: Plan, grid: dict, errors: dict) -> dict:
     if rank is not None and (index, rank) in errors:
         out["task_error"] = errors[(index, rank)]
     return out
-
-
-
-def _group_task_error(context: PassContext):
-    """Sensitivity is the task error over the run's output groups (named per groups, so the
-    single-layer cache never mixes runs measured on different groups)."""
-    groups = list(context.groups)
-
-    def group_task_error(reference, candidate) -> float:
-        return task_error(reference, candidate, groups)
-
-    group_task_error.__qualname__ = f"group_task_error[{format_groups(groups)}]"
-    return group_task_error
 
 
 def _model_ms(original: ir.Model, context: PassContext, layers: Sequence[ConvLayer],

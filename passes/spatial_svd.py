@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.base import RewritePass
-from passes.lowrank_pass import LowRankOptions, run_lowrank
+from passes.lowrank_pass import LowRankOptions, measures_on_holdout, run_lowrank
 from rewriter.lowrank_methods import METHODS
 
 
@@ -32,6 +32,9 @@ class SpatialSvdPass(RewritePass):
     summary = "kxk conv split into kx1 (to r channels) then 1xk, factorized from the weights"
     Options = SpatialSvdOptions
     exact = False
+
+    def chooses_on_holdout(self) -> bool:
+        return measures_on_holdout(self.options, 1)  # type: ignore[arg-type]
 
     def apply(self, model: ir.Model) -> None:
         run_lowrank(model, self.options, self.context, self.report, self.name,  # type: ignore

@@ -513,3 +513,26 @@ def test_digits_method_auto_keeps_the_predictions():
     methods = {d.details.get("method", "in") for d in result.report.passes[-1].decisions
                if d.applied}
     assert methods  # the plan records which factorization each layer got
+
+
+DETECTOR = TRAINED / "detector.onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DETECTOR.exists(), reason="trained detector not built (engineer det)")
+def test_detector_measured_allocation_keeps_detections():
+    """Allocation on measured task errors, on the trained detector, judged by detections."""
+    from rewriter.detection import decode, detection_f1
+
+    calib = dict(np.load(TRAINED / "detector_calib.npz"))
+    test = dict(np.load(TRAINED / "detector_test.npz"))
+    data = CalibrationSet({"images": calib["images"][:48]}, source="detector_calib")
+    result = rewrite(load(DETECTOR), ["bottleneck:target=0.2,allocate=measured,measure-ranks=2,"
+                                      "init=whitened"], calib=data)
+    report = result.report.passes[0]
+    assert report.metrics["allocation"] == "measured"
+    assert all("task_error_grid" in d.details for d in report.decisions if d.applied)
+    feeds = {"images": test["images"][:16]}
+    ref = decode(runtime.run_all(result.original, feeds)["output0"])
+    got = decode(runtime.run_all(result.model, feeds)["output0"])
+    assert np.mean([detection_f1(r, g) for r, g in zip(ref, got, strict=True)]) >= 0.8
