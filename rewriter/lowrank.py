@@ -22,6 +22,8 @@ import numpy as np
 #: sets made plain whitening worse than SVD on a real detector.
 DEFAULT_SHRINK = 0.2
 DEFAULT_EPS = 1e-6  # relative to the mean diagonal of the second moment
+#: Eigenvalues of the input second moment below this share of the largest are its null space.
+DEFAULT_NULL_TOL = 1e-9
 DEFAULT_RIDGE = 1e-5  # relative to the mean diagonal of the normal equations
 
 
@@ -90,13 +92,32 @@ def shrink_covariance(
     return shrunk + eps * max(scale, 1e-12) * np.eye(sigma.shape[0])
 
 
-def _sqrt_factor(sigma: np.ndarray) -> np.ndarray:
-    """L with Σ = L Lᵀ (Cholesky; eigen square root when Cholesky fails on a near-singular Σ)."""
-    try:
-        return np.linalg.cholesky(sigma)
-    except np.linalg.LinAlgError:
-        vals, vecs = np.linalg.eigh(sigma)
-        return vecs * np.sqrt(np.clip(vals, 1e-12 * max(vals.max(), 1e-30), None))
+@dataclass(frozen=True)
+class Whitening:
+    """`Σ = V Λ Vᵀ` restricted to its range: `root = Λ_k^{1/2} V_kᵀ [k, C]` and
+    `pinv_root = V_k Λ_k^{-1/2} [C, k]` (BALF-style: directions the data never takes are
+    dropped, not regularised into huge gains, so factors built from it stay well-conditioned)."""
+
+    root: np.ndarray
+    pinv_root: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.root.shape[0])
+
+
+def whitening(sigma: np.ndarray, tol: float = DEFAULT_NULL_TOL) -> Whitening:
+    """Eigen square root of a second moment, dropping eigenvalues below `tol`·λ_max."""
+    sym = (np.asarray(sigma, np.float64) + np.asarray(sigma, np.float64).T) / 2
+    vals, vecs = np.linalg.eigh(sym)
+    top = float(vals[-1]) if vals.size else 0.0
+    keep = vals > tol * top if top > 0 else np.zeros(vals.shape, bool)
+    if not keep.any():  # an all-zero input: one harmless direction so shapes stay valid
+        keep[-1:] = True
+        vals = np.where(keep, 1.0, vals)
+    vals, vecs = vals[keep][::-1], vecs[:, keep][:, ::-1]
+    root_vals = np.sqrt(vals)
+    return Whitening((vecs * root_vals).T, vecs / root_vals)
 
 
 # ------------------------------------------------------------------------------ spectra and inits
@@ -109,7 +130,7 @@ class Spectrum:
     u: np.ndarray  # [C, C'] left vectors in the (whitened) input space
     s: np.ndarray  # [C'] descending
     vt: np.ndarray  # [C', O·K]
-    unwhiten: np.ndarray | None = None  # L^{-T}: maps whitened left vectors back to channel space
+    unwhiten: np.ndarray | None = None  # maps whitened left vectors back to channel space
 
     def energy(self) -> np.ndarray:
         """Cumulative share of the squared spectrum kept at rank 1..len(s)."""
@@ -127,8 +148,11 @@ class Spectrum:
                 bias: np.ndarray | None) -> Factors:
         """The best rank-r factors under this spectrum's metric."""
         u_r = self.u[:, :rank]
-        p_t = u_r if self.unwhiten is None else self.unwhiten @ u_r  # [C, r]
-        b = self.s[:rank, None] * self.vt[:rank]  # [r, O·K]
+        p_t = u_r if self.unwhiten is None else self.unwhiten @ u_r  # [C, r']
+        b = self.s[:rank, None] * self.vt[:rank]  # [r', O·K]
+        if p_t.shape[1] < rank:  # more rank than the data has directions: exact already
+            p_t = np.pad(p_t, [(0, 0), (0, rank - p_t.shape[1])])
+            b = np.pad(b, [(0, rank - b.shape[0]), (0, 0)])
         p, b = _balance(p_t.T, b)
         return Factors(p, fold_kernel(b, out_channels, kernel),
                        None if bias is None else np.asarray(bias, np.float64))
@@ -156,14 +180,15 @@ def svd_spectrum(weight: np.ndarray) -> Spectrum:
 
 
 def whitened_spectrum(
-    weight: np.ndarray, sigma: np.ndarray, alpha: float = DEFAULT_SHRINK, eps: float = DEFAULT_EPS
+    weight: np.ndarray, sigma: np.ndarray, alpha: float = DEFAULT_SHRINK, eps: float = 0.0,
+    tol: float = DEFAULT_NULL_TOL,
 ) -> Spectrum:
-    """Data-aware: SVD of `Lᵀ M` with `Σ = L Lᵀ` (minimises E‖(M - M̂)ᵀ x‖², the output error)."""
+    """Data-aware: SVD of `Σ^{1/2} M` on the range of Σ (minimises E‖(M - M̂)ᵀ x‖², the output
+    error, also when Σ is rank-deficient: dead channels, fewer samples than channels)."""
     m = unfold_input(weight)
-    lower = _sqrt_factor(shrink_covariance(np.asarray(sigma, np.float64), alpha, eps))
-    u, s, vt = thin_svd(lower.T @ m)
-    unwhiten = np.linalg.inv(lower.T)  # L^{-T}
-    return Spectrum(u, s, vt, unwhiten)
+    white = whitening(shrink_covariance(np.asarray(sigma, np.float64), alpha, eps), tol)
+    u, s, vt = thin_svd(white.root @ m)
+    return Spectrum(u, s, vt, white.pinv_root)
 
 
 def svd_init(weight: np.ndarray, rank: int, bias: np.ndarray | None = None) -> Factors:
@@ -172,7 +197,7 @@ def svd_init(weight: np.ndarray, rank: int, bias: np.ndarray | None = None) -> F
 
 def whitened_init(weight: np.ndarray, sigma: np.ndarray, rank: int,
                   bias: np.ndarray | None = None, alpha: float = DEFAULT_SHRINK,
-                  eps: float = DEFAULT_EPS) -> Factors:
+                  eps: float = 0.0) -> Factors:
     spectrum = whitened_spectrum(weight, sigma, alpha, eps)
     return spectrum.factors(rank, weight.shape[0], weight.shape[2:], bias)
 

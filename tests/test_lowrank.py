@@ -184,3 +184,54 @@ def test_allocation_takes_cheap_error_first_and_stops_at_target():
     alloc = lowrank.allocate_ranks([cheap, costly], 120)
     assert alloc.ranks["a"] == 4 and "b" in alloc.ranks and alloc.macs_saved >= 120
     assert not lowrank.allocate_ranks([cheap], 1000).reached
+
+
+def _rank_deficient_inputs(rng, c: int, d: int, n: int = 400) -> np.ndarray:
+    """`[n, C]` channel vectors spanning only d < C directions, one channel dead."""
+    mix = rng.standard_normal((c, d)) * np.linspace(0.2, 3.0, d)
+    x = rng.standard_normal((n, d)) @ mix.T
+    x[:, 0] = 0.0  # a dead channel (e.g. a pruned or always-negative ReLU input)
+    return x
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5, 6, 9])
+def test_whitening_attains_the_best_output_error_on_rank_deficient_inputs(rank):
+    rng = np.random.default_rng(11)
+    c, d, o = 12, 6, 7
+    x = _rank_deficient_inputs(rng, c, d)
+    w = rng.standard_normal((o, c, 3, 3))
+    m = lowrank.unfold_input(w)  # [C, O·K]
+    sigma = x.T @ x / len(x)
+    factors = lowrank.whitened_init(w, sigma, rank, alpha=0.0)
+    assert factors.reduce.shape == (rank, c) and np.all(np.isfinite(factors.reduce))
+    approx = lowrank.unfold_input(lowrank.reconstruct(factors))
+    got = np.linalg.norm(x @ (m - approx))
+    # Eckart-Young: no rank-r kernel can do better than the tail of the outputs' spectrum
+    s = np.linalg.svd(x @ m, compute_uv=False)
+    best = np.sqrt(np.sum(s[rank:] ** 2))
+    assert got == pytest.approx(best, rel=1e-7, abs=1e-7 * np.linalg.norm(x @ m))
+
+
+def test_whitening_ignores_directions_the_data_never_takes():
+    rng = np.random.default_rng(12)
+    c, d = 10, 4
+    x = _rank_deficient_inputs(rng, c, d)
+    sigma = x.T @ x / len(x)
+    w = rng.standard_normal((8, c, 3, 3))
+    p = lowrank.whitened_init(w, sigma, 3, alpha=0.0).reduce
+    vals, vecs = np.linalg.eigh(sigma)
+    null = vecs[:, vals < 1e-9 * vals.max()]
+    assert null.shape[1] == c - d
+    # rows are unit norm and carry nothing along the null space: noise there is not amplified
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0)
+    assert np.abs(p @ null).max() < 1e-8
+    assert np.linalg.cond(p) < 1e3
+    white = lowrank.whitening(sigma)
+    assert white.rank == np.linalg.matrix_rank(sigma)
+    np.testing.assert_allclose(white.root.T @ white.root, sigma, atol=1e-9 * vals.max())
+
+
+def test_whitening_of_an_all_zero_input_stays_finite():
+    w = np.random.default_rng(13).standard_normal((4, 3, 3, 3))
+    factors = lowrank.whitened_init(w, np.zeros((3, 3)), 2, alpha=0.0)
+    assert factors.reduce.shape == (2, 3) and np.all(np.isfinite(factors.kernel))
