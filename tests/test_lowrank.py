@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,50 @@ def test_whitening_of_an_all_zero_input_stays_finite():
     w = np.random.default_rng(13).standard_normal((4, 3, 3, 3))
     factors = lowrank.whitened_init(w, np.zeros((3, 3)), 2, alpha=0.0)
     assert factors.reduce.shape == (2, 3) and np.all(np.isfinite(factors.kernel))
+
+
+def _whitened_error(w: np.ndarray, approx: np.ndarray, x: np.ndarray) -> float:
+    """Relative error of the per-offset outputs `xᵀ M` over channel vectors x `[n, C]`."""
+    m, a = lowrank.unfold_input(w), lowrank.unfold_input(approx)
+    return float(np.linalg.norm(x @ (m - a)) / np.linalg.norm(x @ m))
+
+
+def test_tucker2_als_is_monotone_bounded_and_beats_sequential_truncation():
+    rng = np.random.default_rng(14)
+    c, o = 16, 20
+    x = rng.standard_normal((600, c)) @ (rng.standard_normal((c, c)) * np.linspace(0.1, 2, c))
+    sigma = x.T @ x / len(x)
+    w = rng.standard_normal((o, c, 3, 3))
+    fit = lowrank.tucker2_als(w, sigma, 6, 8, iters=25, alpha=0.0, stop=0.0)
+    assert 3 <= len(fit.errors) <= 26  # init + a bounded number of sweeps
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(fit.errors))  # raw, per sweep
+    assert fit.errors[-1] < fit.errors[0]  # the alternation improved on its init
+    t = fit.tucker
+    assert t.reduce.shape == (6, c) and t.core.shape == (8, 6, 3, 3) and t.restore.shape == (o, 8)
+    got = _whitened_error(w, lowrank.tucker2_reconstruct(t), x)
+    assert got == pytest.approx(fit.error, rel=1e-6)  # the reported error is the real one
+    # the old way: whitened `in` factors, then the kernel split by its own SVD
+    seq = lowrank.restore_outputs(lowrank.whitened_init(w, sigma, 6, alpha=0.0), 8)
+    assert got < _whitened_error(w, lowrank.tucker2_reconstruct(seq), x)
+    assert lowrank.fit_error(w, sigma, 6, 8, alpha=0.0) == pytest.approx(fit.error, rel=1e-3)
+
+
+def test_tucker2_als_full_ranks_are_exact_and_stop_early():
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal((5, 4, 3, 3))
+    x = _rank_deficient_inputs(rng, 4, 3)
+    fit = lowrank.tucker2_als(w, x.T @ x / len(x), 4, 5, alpha=0.0)
+    assert fit.error < 1e-7 and len(fit.errors) <= 3
+    assert _whitened_error(w, lowrank.tucker2_reconstruct(fit.tucker), x) < 1e-7
+    data_free = lowrank.tucker2_als(w, None, 4, 5)
+    assert lowrank.relative_error(w, lowrank.tucker2_reconstruct(data_free.tucker)) < 1e-10
+
+
+def test_fit_error_in_mode_is_the_whitened_spectrum_tail():
+    rng = np.random.default_rng(16)
+    w = rng.standard_normal((6, 8, 3, 3))
+    x = rng.standard_normal((300, 8)) * np.linspace(0.1, 3, 8)
+    sigma = x.T @ x / len(x)
+    factors = lowrank.whitened_init(w, sigma, 3, alpha=0.0)
+    got = _whitened_error(w, lowrank.reconstruct(factors), x)
+    assert lowrank.fit_error(w, sigma, 3, alpha=0.0) == pytest.approx(got, rel=1e-6)
