@@ -71,16 +71,22 @@ class SecondMoment:
 
     def __init__(self, channels: int) -> None:
         self.sum = np.zeros((channels, channels))
+        self.first = np.zeros(channels)
         self.count = 0
 
     def add(self, activations: np.ndarray) -> None:
         x = np.asarray(activations, np.float64)
         flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
         self.sum += flat.T @ flat
+        self.first += flat.sum(axis=0)
         self.count += flat.shape[0]
 
     def value(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
+
+    def mean(self) -> np.ndarray:
+        """E[x] per channel (for bias correction of data-free or whitened factors)."""
+        return self.first / max(self.count, 1)
 
 
 def shrink_covariance(
@@ -210,6 +216,77 @@ def reconstruct(factors: Factors) -> np.ndarray:
     return np.einsum("ork,rc->ock", w2.reshape(o, r, -1), factors.reduce).reshape(
         o, factors.reduce.shape[1], *w2.shape[2:]
     )
+
+
+# ------------------------------------------------------------------------------ corrections
+
+
+def corrected_bias(weight: np.ndarray, approx: np.ndarray, bias: np.ndarray | None,
+                   mean_input: np.ndarray) -> np.ndarray:
+    """Bias that removes the mean output shift of an approximate kernel (Nagel et al. 2019):
+    `b + Σ_{c,k} (W − Ŵ)[o, c, k] E[x[c, k]]`. `mean_input` is the channel mean `[C]` (the
+    same at every kernel offset: exact away from zero-padded borders) or the patch mean
+    `[C, *k]`."""
+    diff = (np.asarray(weight, np.float64) - approx).reshape(weight.shape[0], weight.shape[1], -1)
+    mu = np.asarray(mean_input, np.float64).reshape(weight.shape[1], -1)
+    shift = np.einsum("ock,ck->o", diff, np.broadcast_to(mu, diff.shape[1:]))
+    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64)
+    return base + shift
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def silu_grad(x: np.ndarray) -> np.ndarray:
+    sig = 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+ACTIVATIONS = {
+    "Silu": (silu, silu_grad),
+    "Relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
+    "Identity": (lambda x: x, np.ones_like),
+}
+
+
+def activation_affine(pred: np.ndarray, target: np.ndarray, activation: str = "Silu",
+                      iters: int = 8, damping: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel `(scale, shift)` minimising `Σ (act(s·ŷ + t) − act(y))²` over rows
+    `[n, O]` of the rewritten (`pred`) and original (`target`) pre-activations: a few damped
+    Gauss-Newton steps through the activation, each kept only where it lowers the channel's
+    post-activation error (so the result is never worse than `(1, 0)`). Fold into the layer as
+    `W2 ← s·W2`, `b ← s·b + t`."""
+    act, grad = ACTIVATIONS[activation]
+    yhat = np.asarray(pred, np.float64)
+    goal = act(np.asarray(target, np.float64))
+    o = yhat.shape[1]
+    scale, shift = np.ones(o), np.zeros(o)
+
+    def loss(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return np.sum((act(yhat * s + t) - goal) ** 2, axis=0)
+
+    current = loss(scale, shift)
+    for _ in range(iters):
+        z = yhat * scale + shift
+        r = act(z) - goal
+        g = grad(z)
+        ja, jb = g * yhat, g  # d act / d scale, d act / d shift
+        a11, a12, a22 = np.sum(ja * ja, 0), np.sum(ja * jb, 0), np.sum(jb * jb, 0)
+        b1, b2 = np.sum(ja * r, 0), np.sum(jb * r, 0)
+        lam = damping * (a11 + a22) + 1e-300
+        a11, a22 = a11 + lam, a22 + lam
+        det = a11 * a22 - a12 * a12
+        det = np.where(np.abs(det) > 1e-300, det, np.inf)
+        da, db = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+        trial_s, trial_t = scale - da, shift - db
+        trial = loss(trial_s, trial_t)
+        better = trial < current
+        scale, shift = np.where(better, trial_s, scale), np.where(better, trial_t, shift)
+        current = np.where(better, trial, current)
+        if not better.any():
+            break
+    return scale, shift
 
 
 # ------------------------------------------------------------------------------ rank selection

@@ -284,3 +284,43 @@ def test_fit_error_in_mode_is_the_whitened_spectrum_tail():
     factors = lowrank.whitened_init(w, sigma, 3, alpha=0.0)
     got = _whitened_error(w, lowrank.reconstruct(factors), x)
     assert lowrank.fit_error(w, sigma, 3, alpha=0.0) == pytest.approx(got, rel=1e-6)
+
+
+def test_bias_correction_matches_the_mean_output():
+    rng = np.random.default_rng(17)
+    c, o = 6, 5
+    x = rng.standard_normal((4, c, 10, 10)) + np.linspace(-2, 3, c)[None, :, None, None]
+    w = rng.standard_normal((o, c, 3, 3))
+    b = rng.standard_normal(o)
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (0, 0, 0, 0))
+    approx = lowrank.svd_init(w, 2, b)
+    w_hat = lowrank.reconstruct(approx)
+    positions = lowrank.sample_positions(4, (8, 8), None, np.random.default_rng(0))
+    patches = lowrank.gather_patches(x, window, (8, 8), positions)
+    y = _conv(x, w, b, window)
+    shift_before = np.abs(_conv(x, w_hat, b, window).mean(axis=(0, 2, 3)) - y.mean((0, 2, 3)))
+    mean_patch = patches.mean(axis=0).reshape(c, 3, 3)
+    fixed = lowrank.corrected_bias(w, w_hat, b, mean_patch)
+    after = _conv(x, w_hat, fixed, window).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(after, y.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert shift_before.max() > 0.1  # there was a shift to correct
+    moment = lowrank.SecondMoment(c)
+    moment.add(x)  # the channel mean alone gets close (borders aside)
+    coarse = lowrank.corrected_bias(w, w_hat, b, moment.mean())
+    shift_coarse = np.abs(_conv(x, w_hat, coarse, window).mean(axis=(0, 2, 3)) - y.mean((0, 2, 3)))
+    assert shift_coarse.max() < 0.5 * shift_before.max()
+
+
+def test_activation_affine_lowers_the_post_silu_error_and_never_raises_it():
+    rng = np.random.default_rng(18)
+    y = rng.standard_normal((2000, 4)) * 2 - 0.5
+    pred = 0.8 * y + 0.3 + 0.05 * rng.standard_normal(y.shape)  # shrunk and shifted
+    pred[:, 3] = y[:, 3]  # an exact channel stays exact
+    scale, shift = lowrank.activation_affine(pred, y, "Silu")
+    before = np.sum((lowrank.silu(pred) - lowrank.silu(y)) ** 2, axis=0)
+    after = np.sum((lowrank.silu(pred * scale + shift) - lowrank.silu(y)) ** 2, axis=0)
+    assert np.all(after <= before + 1e-12)
+    assert np.all(after[:3] < 0.2 * before[:3])
+    np.testing.assert_allclose([scale[3], shift[3]], [1.0, 0.0], atol=1e-6)
+    grad = (lowrank.silu(y + 1e-6) - lowrank.silu(y - 1e-6)) / 2e-6
+    np.testing.assert_allclose(lowrank.silu_grad(y), grad, rtol=1e-5, atol=1e-8)
