@@ -513,7 +513,7 @@ class RefitAccumulator:
     input x̂ and the original conv output y; `solve` gives `W2` and bias."""
 
     def __init__(self, reduce: np.ndarray, out_channels: int, window: Window,
-                 max_positions: int | None = None, seed: int = 0) -> None:
+                 max_positions: int | None = None, seed: int = 0, keep_rows: int = 0) -> None:
         self.reduce = np.asarray(reduce, np.float64)
         self.window = window
         self.out_channels = out_channels
@@ -521,6 +521,9 @@ class RefitAccumulator:
         self.rng = np.random.default_rng(seed)
         k = math.prod(window.kernel)
         self.equations = NormalEquations(self.reduce.shape[0] * k, out_channels)
+        self.keep_rows = keep_rows  # rows kept for a post-activation correction
+        self._kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self._kept_count = 0
 
     def add(self, x_hat: np.ndarray, y: np.ndarray) -> None:
         out_dims = y.shape[2:]
@@ -531,8 +534,21 @@ class RefitAccumulator:
                  y_rows: np.ndarray) -> None:
         """A batch whose targets were already gathered at `positions` (see `SampledTargets`)."""
         z = np.einsum("rc,nc...->nr...", self.reduce, np.asarray(x_hat, np.float64))
-        self.equations.add(gather_patches(z, self.window, out_dims, positions),
-                           np.asarray(y_rows, np.float64))
+        patches = gather_patches(z, self.window, out_dims, positions)
+        y = np.asarray(y_rows, np.float64)
+        self.equations.add(patches, y)
+        take = min(self.keep_rows - self._kept_count, len(patches))
+        if take > 0:  # positions are already a random sample: keep the first ones
+            self._kept.append((patches[:take].copy(), y[:take].copy()))
+            self._kept_count += take
+
+    def kept_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Patches `[n, r·K]` of the reduced input and original outputs `[n, O]` kept so far."""
+        if not self._kept:
+            width = self.equations.a.shape[0] - 1
+            return np.zeros((0, width)), np.zeros((0, self.out_channels))
+        return (np.concatenate([z for z, _ in self._kept]),
+                np.concatenate([y for _, y in self._kept]))
 
     def solve(self, ridge: float = DEFAULT_RIDGE) -> Factors:
         w, b = self.equations.solve(ridge)
@@ -705,6 +721,41 @@ def fit_error(weight: np.ndarray, sigma: np.ndarray | None, rank: int,
 
 def tucker2_reconstruct(t: Tucker2) -> np.ndarray:
     return reconstruct(Factors(t.reduce, np.einsum("oa,a...->o...", t.restore, t.core), t.bias))
+
+
+def predict_rows(fit: Factors | Tucker2, patches: np.ndarray) -> np.ndarray:
+    """The factorized layer's outputs `[n, O]` from patches of its reduced input `[n, r·K]`."""
+    if isinstance(fit, Tucker2):
+        kernel = np.einsum("oa,a...->o...", fit.restore, fit.core)
+    else:
+        kernel = fit.kernel
+    out = patches @ kernel.reshape(kernel.shape[0], -1).T
+    return out if fit.bias is None else out + fit.bias
+
+
+def scale_outputs(fit: Factors | Tucker2, scale: np.ndarray, shift: np.ndarray
+                  ) -> Factors | Tucker2:
+    """`y ← scale·y + shift` per output channel, folded into the last conv and its bias."""
+    bias = (np.zeros(len(scale)) if fit.bias is None else fit.bias) * scale + shift
+    if isinstance(fit, Tucker2):
+        return Tucker2(fit.reduce, fit.core, fit.restore * scale[:, None], bias)
+    kernel = fit.kernel * scale.reshape(-1, *([1] * (fit.kernel.ndim - 1)))
+    return Factors(fit.reduce, kernel, bias)
+
+
+def post_activation_fit(fit: Factors | Tucker2, patches: np.ndarray, targets: np.ndarray,
+                        activation: str) -> tuple[Factors | Tucker2, float, float]:
+    """Refit each output channel's scale and shift so that `act(ŷ)` matches `act(y)` on kept
+    rows (see `activation_affine`); returns the new fit and the relative post-activation error
+    before and after (on those rows)."""
+    act = ACTIVATIONS[activation][0]
+    pred = predict_rows(fit, patches)
+    goal = act(np.asarray(targets, np.float64))
+    norm = float(np.linalg.norm(goal)) or 1.0
+    before = float(np.linalg.norm(act(pred) - goal)) / norm
+    scale, shift = activation_affine(pred, targets, activation)
+    after = float(np.linalg.norm(act(pred * scale + shift) - goal)) / norm
+    return scale_outputs(fit, scale, shift), before, after
 
 
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:

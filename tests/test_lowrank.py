@@ -324,3 +324,32 @@ def test_activation_affine_lowers_the_post_silu_error_and_never_raises_it():
     np.testing.assert_allclose([scale[3], shift[3]], [1.0, 0.0], atol=1e-6)
     grad = (lowrank.silu(y + 1e-6) - lowrank.silu(y - 1e-6)) / 2e-6
     np.testing.assert_allclose(lowrank.silu_grad(y), grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_post_activation_fit_lowers_the_error_after_silu_on_the_real_conv(tucker):
+    rng = np.random.default_rng(19)
+    c, o = 8, 6
+    w = rng.standard_normal((o, c, 3, 3)) * 0.4
+    b = rng.standard_normal(o) - 1.0
+    x = rng.standard_normal((4, c, 10, 10))
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    y = _conv(x, w, b, window)
+    start = lowrank.svd_init(w, 3)
+    acc = lowrank.RefitAccumulator(start.reduce, o, window, max_positions=150, keep_rows=250)
+    acc.add(x[:2], y[:2])
+    acc.add(x[2:], y[2:])
+    patches, targets = acc.kept_rows()
+    assert patches.shape == (250, 3 * 9) and targets.shape == (250, o)
+    fit = acc.solve(0.0)
+    if tucker:
+        fit = lowrank.restore_outputs(fit, 4, acc.equations.input_moment())
+    new, before, after = lowrank.post_activation_fit(fit, patches, targets, "Silu")
+    assert after <= before
+    # measured on the whole maps through real convolutions, not only on the kept rows
+    def post(f):
+        kernel = (np.einsum("oa,a...->o...", f.restore, f.core) if tucker else f.kernel)
+        z = np.einsum("rc,nc...->nr...", f.reduce, x)
+        return lowrank.silu(_conv(z, kernel, f.bias, window))
+    ref = lowrank.silu(y)
+    assert lowrank.relative_error(ref, post(new)) < lowrank.relative_error(ref, post(fit))
