@@ -216,6 +216,11 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
             lambda m, n, layer, f, namer: emit(m, n, layer, f, namer, merge), init, _worst_rel_l2)
         sensitivity = {i: e for (i, _), e in errors.items()}
     record_applied(report, layers, plan, emitted, spec, measured, sensitivity, timer)
+    fitted = {layer.name: settings.details[layer.index] for layer in layers
+              if layer.index in settings.details}
+    for decision in report.decisions:  # what each layer's fit used (samples, positions)
+        if decision.applied and decision.node in fitted:
+            decision.details.update(fitted[decision.node])
     record_totals(report, selection, init, mode)
     if timer is not None:
         record_timing_totals(report, timer, timing.threads,

@@ -25,6 +25,7 @@ DEFAULT_EPS = 1e-6  # relative to the mean diagonal of the second moment
 #: Eigenvalues of the input second moment below this share of the largest are its null space.
 DEFAULT_NULL_TOL = 1e-9
 DEFAULT_ALS_ITERS = 8  # Tucker-2 ALS sweeps; a few are enough on conv kernels
+BIAS_CORRECTION = True  # data-aware factors get the bias that removes the mean output shift
 DEFAULT_RIDGE = 1e-5  # relative to the mean diagonal of the normal equations
 
 
@@ -143,6 +144,8 @@ class Spectrum:
     s: np.ndarray  # [C'] descending
     vt: np.ndarray  # [C', O·K]
     unwhiten: np.ndarray | None = None  # maps whitened left vectors back to channel space
+    moment: np.ndarray | None = None  # the (shrunk) input second moment it was whitened by
+    mean: np.ndarray | None = None  # the input channel mean (bias correction)
 
     def energy(self) -> np.ndarray:
         """Cumulative share of the squared spectrum kept at rank 1..len(s)."""
@@ -155,6 +158,20 @@ class Spectrum:
         sq = self.s**2
         total = float(sq.sum())
         return math.sqrt(float(sq[rank:].sum()) / total) if total > 0 else 0.0
+
+    def in_out_error(self, rank: int, rank_out: int, out_channels: int) -> float:
+        """Estimated relative output error of Tucker-2 at (rank, rank_out): this spectrum's
+        rank-r input factor, then the best output factor for it (the ALS init; ALS sweeps
+        only lower it). Cheap: no new whitening, one `[O, O]` eigenproblem."""
+        sq = self.s**2
+        total = float(sq.sum())
+        if total <= 0:
+            return 0.0
+        b = (self.s[:rank, None] * self.vt[:rank]).reshape(min(rank, len(self.s)),
+                                                            out_channels, -1)
+        vals = np.linalg.eigvalsh(np.einsum("bok,bpk->op", b, b))
+        kept = float(np.sum(np.sort(vals)[::-1][:rank_out]))
+        return math.sqrt(max(total - kept, 0.0) / total)
 
     def factors(self, rank: int, out_channels: int, kernel: Sequence[int],
                 bias: np.ndarray | None) -> Factors:
@@ -198,9 +215,10 @@ def whitened_spectrum(
     """Data-aware: SVD of `Σ^{1/2} M` on the range of Σ (minimises E‖(M - M̂)ᵀ x‖², the output
     error, also when Σ is rank-deficient: dead channels, fewer samples than channels)."""
     m = unfold_input(weight)
-    white = whitening(shrink_covariance(np.asarray(sigma, np.float64), alpha, eps), tol)
+    moment = shrink_covariance(np.asarray(sigma, np.float64), alpha, eps)
+    white = whitening(moment, tol)
     u, s, vt = thin_svd(white.root @ m)
-    return Spectrum(u, s, vt, white.pinv_root)
+    return Spectrum(u, s, vt, white.pinv_root, moment)
 
 
 def svd_init(weight: np.ndarray, rank: int, bias: np.ndarray | None = None) -> Factors:

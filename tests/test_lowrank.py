@@ -353,3 +353,16 @@ def test_post_activation_fit_lowers_the_error_after_silu_on_the_real_conv(tucker
         return lowrank.silu(_conv(z, kernel, f.bias, window))
     ref = lowrank.silu(y)
     assert lowrank.relative_error(ref, post(new)) < lowrank.relative_error(ref, post(fit))
+
+
+def test_in_out_error_estimate_is_the_als_init_and_bounds_als():
+    rng = np.random.default_rng(20)
+    w = rng.standard_normal((12, 10, 3, 3))
+    x = rng.standard_normal((300, 10)) * np.linspace(0.2, 2, 10)
+    sigma = x.T @ x / len(x)
+    spectrum = lowrank.whitened_spectrum(w, sigma, alpha=0.0)
+    fit = lowrank.tucker2_als(w, sigma, 4, 6, alpha=0.0)
+    estimate = spectrum.in_out_error(4, 6, 12)
+    assert estimate == pytest.approx(fit.errors[0], rel=1e-9)
+    assert fit.error <= estimate
+    assert spectrum.in_out_error(4, 12, 12) == pytest.approx(spectrum.relative_error(4))
