@@ -303,6 +303,11 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         sensitivity = {i: e for (i, _), e in chosen.items()}
     task = {x.index: _task_details(x.index, plan, grid, errors) for x in layers}
     record_applied(report, layers, plan, emitted, spec, measured_out, sensitivity, timer, task)
+    fitted = {layer.name: settings.details[layer.index] for layer in layers
+              if layer.index in settings.details}
+    for decision in report.decisions:  # what each layer's fit used (samples, positions)
+        if decision.applied and decision.node in fitted:
+            decision.details.update(fitted[decision.node])
     record_totals(report, selection, init, mode)
     if timer is not None:
         record_timing_totals(report, timer, timing.threads,

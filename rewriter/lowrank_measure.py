@@ -14,7 +14,7 @@ from rewriter.context import PassContext
 from rewriter.cost import conv_macs
 from rewriter.lowrank_emit import Emitted
 from rewriter.lowrank_methods import Rank, method_named, spectrum_key
-from rewriter.lowrank_plan import Plan, conv_layer_timing, spectral_estimate
+from rewriter.lowrank_plan import Plan, conv_layer_timing
 from rewriter.lowrank_select import ConvLayer, Selection
 from rewriter.report import PassReport
 
@@ -64,7 +64,9 @@ def layer_details(layer: ConvLayer, rank: Rank, spectra: Mapping, measured: Mapp
     """The per-layer numbers of a decision (estimated, measured, sensitivity, merge)."""
     spectrum = spectra[(layer.index, spectrum_key(rank))]
     details: dict = {"rank": rank.r, "channels": layer.channels,
-                     "estimated_rel_error": spectral_estimate(spectra)(layer, rank),
+                     "estimated_rel_error": (
+                         spectrum.relative_error(rank.r) if rank.r_out is None
+                         else spectrum.in_out_error(rank.r, rank.r_out, layer.out_channels)),
                      "kept_energy": float(spectrum.energy()[rank.r - 1])}
     if rank.method != "in":
         details["method"] = rank.method

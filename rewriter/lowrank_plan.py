@@ -53,19 +53,12 @@ class RankRule:
 
 
 def spectral_estimate(spectra: Mapping[tuple[int, str], lowrank.Spectrum]) -> Estimate:
-    """The layer's relative error predicted by its (whitened) spectrum; Tucker-2 adds the
-    output-side truncation (the tail of the kernel's spectrum along its output channels)."""
-    output_side: dict[int, lowrank.Spectrum] = {}
-
-    def estimate(layer: ConvLayer, rank: Rank) -> float:
-        err = spectra[(layer.index, spectrum_key(rank))].relative_error(rank.r)
+    """The layer's relative error predicted by its (whitened) spectrum."""
+    def estimate(layer, rank) -> float:
+        spectrum = spectra[(layer.index, spectrum_key(rank))]
         if rank.r_out is None:
-            return err
-        if layer.index not in output_side:
-            flat = layer.weight.reshape(layer.out_channels, -1)
-            output_side[layer.index] = lowrank.Spectrum(*lowrank.thin_svd(flat))
-        out = output_side[layer.index].relative_error(rank.r_out)
-        return float(np.sqrt(err**2 + out**2))
+            return spectrum.relative_error(rank.r)
+        return spectrum.in_out_error(rank.r, rank.r_out, layer.out_channels)
 
     return estimate
 
