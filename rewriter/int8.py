@@ -134,7 +134,7 @@ def preprocess(source: Path, target: Path) -> tuple[Path, str | None]:
 
     try:
         with _quiet():
-            quant_pre_process(str(source), str(target))
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
         onnx.checker.check_model(str(target))
     except Exception as exc:  # symbolic shape inference fails on some exports
         return source, f"quant_pre_process skipped: {' '.join(str(exc).split())[:200]}"
