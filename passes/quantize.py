@@ -34,6 +34,7 @@ from passes.base import PassOptions, RewritePass, option
 from rewriter import int8_exclusion as blocks
 from rewriter.context import PassContext
 from rewriter.errors import PassError
+from rewriter.fidelity import task_error
 from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports
 
 #: Default task-error gate: the worst output group's error on the `1 - cosine` scale
@@ -235,8 +236,9 @@ class ExclusionSearch:
         return path
 
     def _error(self, path: Path) -> float:
-        return task_error(self.reference, _outputs(path, self.owner.context.holdout.inputs),
-                          getattr(self.owner.context, "groups", None))
+        """Worst output group's task error of the model at `path` vs the float model."""
+        got = _outputs(path, self.owner.context.holdout.inputs)
+        return float(task_error(self.reference, got, getattr(self.owner.context, "groups", None)))
 
     def _float_macs(self, nodes: Sequence[str]) -> int:
         return sum(self.macs.get(n, 0) for n in set(nodes) if self.graph.is_compute(n))
@@ -376,46 +378,6 @@ def _rel_l2(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     from rewriter.fidelity import compare_arrays
 
     return max(compare_arrays(ref, candidate[k])["rel_l2"] for k, ref in reference.items())
-
-
-def task_error(
-    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], groups: Any = None
-) -> float:
-    """The worst output group's task error (`rewriter.fidelity.task_error` once it is on main;
-    until then a local stand-in on the same `1 - cosine` scale: per output, and per [0, 1]
-    row run of a detector-style output, max(1 - cosine, rel_l2^2 / 2, 0.5 * flips@0.25))."""
-    try:
-        from rewriter.fidelity import task_error as shared
-    except ImportError:
-        return _local_task_error(reference, candidate)
-    return float(shared(reference, candidate, groups))
-
-
-def _local_task_error(
-    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
-) -> float:
-    from rewriter.fidelity import compare_arrays
-
-    worst = 0.0
-    for name, ref in reference.items():
-        got = candidate[name]
-        parts = [(ref, got, False)]
-        if ref.ndim == 3:
-            axis = 1 if ref.shape[1] <= ref.shape[2] else 2
-            rows = np.moveaxis(ref, axis, 0)
-            bounded = np.array([(r.min() >= 0) and (r.max() <= 1) for r in rows])
-            if bounded.any() and not bounded.all():
-                r0, g0 = np.moveaxis(ref, axis, 0), np.moveaxis(got, axis, 0)
-                parts = [(r0[~bounded], g0[~bounded], False), (r0[bounded], g0[bounded], True)]
-        for r, g, scores in parts:
-            m = compare_arrays(r, g)
-            terms = [1 - m["cosine"], m["rel_l2"] ** 2 / 2]
-            if scores:
-                a, b = r > 0.25, g > 0.25
-                union = np.count_nonzero(a | b)
-                terms.append(0.5 * np.count_nonzero(a ^ b) / union if union else 0.0)
-            worst = max(worst, min(float(np.nan_to_num(max(terms), nan=2.0)), 2.0))
-    return worst
 
 
 def _quantized_nodes(proto: onnx.ModelProto) -> set[str]:
