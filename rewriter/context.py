@@ -22,6 +22,10 @@ class PassContext:
     seed: int = 0
     batch_size: int = 32
     log: Callable[[str], None] = lambda message: None
+    #: Run facts the pipeline already has, so passes need not recompute them: the model as it
+    #: entered the current pass (a snapshot no one edits) and its outputs on `holdout.inputs`.
+    before: ir.Model | None = None
+    reference: dict[str, np.ndarray] | None = None
 
     @property
     def has_data(self) -> bool:
@@ -30,6 +34,13 @@ class PassContext:
     @property
     def synthetic(self) -> bool:
         return self.fit is not None and self.fit.synthetic
+
+    def holdout_reference(self, model: ir.Model) -> dict[str, np.ndarray]:
+        """`model`'s outputs on the held-out inputs, computed once per run step (`model` must be
+        the model that entered the current pass, or its snapshot)."""
+        if self.reference is None:
+            self.reference = runtime.run_all(model, self.holdout.inputs)
+        return self.reference
 
     def capture(
         self, model: ir.Model, names: Sequence[str], split: str = "fit"

@@ -165,11 +165,14 @@ def rewrite(
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
+    original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
     discarded: list[str] = []
     for spec, pass_type in zip(specs, pass_types, strict=True):
         log(f"pass {spec}")
         instance = pass_type(spec.options, context)
         snapshot = model.clone() if reference is not None else None  # tensors are shared
+        context.before = snapshot  # run facts the pass may reuse instead of recomputing
+        context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
         report.passes.append(instance.report)
         if snapshot is None or not instance.report.n_applied:
@@ -183,8 +186,11 @@ def rewrite(
             report.warnings.append(f"internal check failed: {exc}")
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
+    context.before = context.reference = None
+    final_outputs = original_outputs is not None and reference
     if distill is not None:
         report.passes.append(_distill(original, model, context, distill))
+        final_outputs = None
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
@@ -194,7 +200,8 @@ def rewrite(
         report.fidelity = measure_fidelity(original, model, eval_data)
         report.fidelity["dataset"] = eval_data.source
     elif context.holdout is not None and report.passes:
-        report.fidelity = measure_fidelity(original, model, context.holdout)
+        report.fidelity = measure_fidelity(original, model, context.holdout,
+                                           original_outputs, final_outputs or None)
         report.fidelity["dataset"] = "held-out calibration samples"
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
 
@@ -220,15 +227,24 @@ def analysis_cost(
 
 
 def measure_fidelity(
-    original: ir.Model, rewritten: ir.Model, data: CalibrationSet
+    original: ir.Model,
+    rewritten: ir.Model,
+    data: CalibrationSet,
+    reference: Mapping[str, np.ndarray] | None = None,
+    candidate: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
-    ref = runtime.run_all(original, data.inputs)
-    got = runtime.run_all(rewritten, data.inputs)
+    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples);
+    outputs the run already computed on `data` may be passed instead of recomputed."""
+    ref = reference if reference is not None else runtime.run_all(original, data.inputs)
+    got = candidate if candidate is not None else runtime.run_all(rewritten, data.inputs)
     result = output_fidelity(ref, got, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
+
+
+def _holdout_inputs(context: PassContext) -> dict[str, np.ndarray] | None:
+    return context.holdout.inputs if context.holdout is not None else None
 
 
 def _guard_inputs(
