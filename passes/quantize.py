@@ -35,7 +35,8 @@ from rewriter import int8_exclusion as blocks
 from rewriter.context import PassContext
 from rewriter.errors import PassError
 from rewriter.fidelity import task_error
-from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports
+from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports, upgrade_opset
+from rewriter.int8_exclusion import TAIL_NAME
 
 #: Default task-error gate: the worst output group's error on the `1 - cosine` scale
 #: (0.02: every group's cosine >= 0.98 and at most 4% of score decisions flip).
@@ -119,6 +120,15 @@ class Quantize(RewritePass):
             )
             if why:
                 self.report.note(why)
+            per_channel = opts.per_channel
+            if per_channel:
+                upgraded, why = upgrade_opset(source, folder / "opset13.onnx")
+                if why:
+                    self.report.note(why)
+                if upgraded == source and why:  # conversion failed: per-tensor weights
+                    per_channel = False
+                    self.report.note("weights quantized per tensor (per-channel needs opset 13)")
+                source = upgraded
             proto = _named_nodes(onnx.load(str(source)), source)
             graph = blocks.NodeGraph(proto)
             user = _match_globs(opts.exclude, graph.order)
@@ -127,7 +137,7 @@ class Quantize(RewritePass):
             n = min(opts.samples, ctx.fit.n)
             quantizer = StaticQuantizer(
                 source, folder, {k: v[:n] for k, v in fit.items()}, opts.activation,
-                opts.weight, opts.method, opts.per_channel, batch=_fixed_batch(proto),
+                opts.weight, opts.method, per_channel, batch=_fixed_batch(proto),
             )
             ctx.log(
                 f"quantize: calibrating {n} samples ({opts.method}), QDQ "
@@ -211,6 +221,8 @@ class ExclusionSearch:
         self.error: float | None = None
         self.rel_l2: float | None = None
         self.holdout_n = 0
+        self.tail_rejected = False
+        self._offered_tail = False
         self.total_macs = sum(macs.get(n, 0) for n in graph.order if graph.is_compute(n))
 
     def run(self) -> Path:
@@ -247,8 +259,15 @@ class ExclusionSearch:
         floating = set(self.in_float)
         tail = blocks.tail_block(self.graph, self.macs)
         if tail is not None and not set(tail.nodes) <= floating:
-            return [tail]
-        frontier = blocks.frontier_blocks(self.graph, floating, self.macs)
+            if not self.tail_rejected:
+                return [tail]
+            # the tail alone did not help: offer it together with the convs that feed it
+            frontier = [
+                blocks.merge_blocks([b, tail], f"{b.name} with the tail")
+                for b in blocks.frontier_blocks(self.graph, floating | set(tail.nodes), self.macs)
+            ]
+        else:
+            frontier = blocks.frontier_blocks(self.graph, floating, self.macs)
         if len(frontier) > 1:
             merged = blocks.merge_blocks(frontier, f"all {len(frontier)} frontier compute ops")
             frontier = [*frontier, merged] if len(frontier) + 1 <= remaining else [merged]
@@ -274,6 +293,7 @@ class ExclusionSearch:
                             f"task error {self.error:.4g} > {opts.max_error:g}")
                 break
             best = None
+            self._offered_tail = affordable[0].name == TAIL_NAME
             for block in affordable[:remaining]:
                 trial = self.quantizer.quantize([*self.in_float, *block.nodes], "trial")
                 error = self._error(trial)
@@ -282,6 +302,9 @@ class ExclusionSearch:
                     f"task error {error:.4g}")
                 if error < self.error and (best is None or gain > best[0]):
                     best = (gain, block, trial, error)
+            if best is None and not self.tail_rejected and self._offered_tail:
+                self.tail_rejected = True  # try the convs before it, with it
+                continue
             if best is None:
                 report.note(f"auto-exclude stopped: no candidate block lowers the task error "
                             f"{self.error:.4g} (target {opts.max_error:g})")

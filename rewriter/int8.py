@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from rewriter.errors import PassError
 
@@ -139,6 +140,31 @@ def preprocess(source: Path, target: Path) -> tuple[Path, str | None]:
     except Exception as exc:  # symbolic shape inference fails on some exports
         return source, f"quant_pre_process skipped: {' '.join(str(exc).split())[:200]}"
     return target, None
+
+
+#: Per-channel QDQ needs DequantizeLinear's `axis`, which arrived in opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(source: Path, target: Path, minimum: int = PER_CHANNEL_OPSET) -> tuple[Path, str]:
+    """The model at `source` converted to opset `minimum` (onnx's version converter), or the
+    source unchanged with the reason it could not be converted."""
+    proto = onnx.load(str(source))
+    opset = default_opset(proto)
+    if opset >= minimum:
+        return source, ""
+    try:
+        converted = onnx.version_converter.convert_version(proto, minimum)
+        onnx.checker.check_model(converted)
+        onnx.save(converted, str(target))
+    except Exception as exc:  # the converter lacks adapters for some ops
+        message = " ".join(str(exc).split())[:200]
+        return source, f"cannot convert opset {opset} to {minimum}: {message}"
+    return target, f"model converted from opset {opset} to {minimum} for per-channel int8 weights"
 
 
 def prune_opset_imports(proto: onnx.ModelProto) -> None:

@@ -23,6 +23,7 @@ import onnx
 
 #: Ops whose int8 kernels are where the speed comes from; the rest is cheap plumbing.
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+TAIL_NAME = "tail after the last compute op"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def tail_block(graph: NodeGraph, macs: Mapping[str, int]) -> Block | None:
     ]
     if not nodes:
         return None
-    return Block("tail after the last compute op", tuple(nodes), sum(macs.get(n, 0) for n in nodes))
+    return Block(TAIL_NAME, tuple(nodes), sum(macs.get(n, 0) for n in nodes))
 
 
 def frontier_blocks(
