@@ -259,6 +259,7 @@ def run_case(case: Case, plan: Mapping[str, Any], tag: str) -> dict[str, Any]:
 def run(full: bool = False, only: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     plan = FULL if full else QUICK
+    previous = _previous_cases(full) if only else []
     CACHE.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"topic": "int8", "full": full, "machine": machine_info(),
                            "bottleneck": BOTTLENECK, "threads": list(THREADS), "batch": 1,
@@ -274,6 +275,9 @@ def run(full: bool = False, only: list[str] | None = None) -> dict[str, Any]:
             continue
         out["cases"].append(run_case(case, plan, f"{'full' if full else 'quick'}-{tag}"))
         _write(out)
+    if only:
+        fresh = {c["model"] for c in out["cases"]}
+        out["cases"] = [c for c in previous if c["model"] not in fresh] + out["cases"]
     out["targets"] = targets(out)
     out["markdown"] = markdown(out)
     out["wall_s"] = round(time.perf_counter() - started, 1)
@@ -328,6 +332,14 @@ def markdown(out: dict[str, Any]) -> str:
             lines.append(f"| {case['model']} | {x['threads']} | {x['a_ms']:.3f} | "
                          f"{x['b_ms']:.3f} | {x['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def _previous_cases(full: bool) -> list[dict[str, Any]]:
+    """The last run's per-model results in the same mode (--only keeps the other models')."""
+    if not RESULTS.exists():
+        return []
+    previous = json.loads(RESULTS.read_text())
+    return previous.get("cases", []) if previous.get("full") == full else []
 
 
 def _write(out: dict[str, Any]) -> None:
