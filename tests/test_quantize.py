@@ -64,6 +64,12 @@ def test_digits_int8_keeps_accuracy_and_is_qdq(digits_int8):
     assert set(proto.opset_import[i].domain for i in range(len(proto.opset_import))) == {""}
 
 
+def test_same_input_same_bytes(digits_int8, tmp_path):
+    path, _ = digits_int8
+    again = rewrite(load(DIGITS), ["quantize"], calib=str(DIGITS_CALIB))
+    assert save(again.model, tmp_path / "again.onnx").read_bytes() == path.read_bytes()
+
+
 def test_exclude_globs_stay_float_via_config(tmp_path):
     out = tmp_path / "out.onnx"
     (tmp_path / "pipe.toml").write_text(
