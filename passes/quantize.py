@@ -36,7 +36,6 @@ from rewriter.context import PassContext
 from rewriter.errors import PassError
 from rewriter.fidelity import task_error
 from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports, upgrade_opset
-from rewriter.int8_exclusion import TAIL_NAME
 
 #: Default task-error gate: the worst output group's error on the `1 - cosine` scale
 #: (0.02: every group's cosine >= 0.98 and at most 4% of score decisions flip).
@@ -221,8 +220,8 @@ class ExclusionSearch:
         self.error: float | None = None
         self.rel_l2: float | None = None
         self.holdout_n = 0
-        self.tail_rejected = False
-        self._offered_tail = False
+        #: blocks that did not lower the error alone, offered again with what feeds them
+        self.carried: blocks.Block | None = None
         self.total_macs = sum(macs.get(n, 0) for n in graph.order if graph.is_compute(n))
 
     def run(self) -> Path:
@@ -256,21 +255,21 @@ class ExclusionSearch:
         return sum(self.macs.get(n, 0) for n in set(nodes) if self.graph.is_compute(n))
 
     def _candidates(self, remaining: int) -> list[blocks.Block]:
+        """The tail first; then the frontier compute ops, each and all together. Blocks that
+        did not lower the error (`carried`) are offered again with the ops feeding them."""
         floating = set(self.in_float)
+        carried = self.carried
+        covered = floating | set(carried.nodes if carried else ())
         tail = blocks.tail_block(self.graph, self.macs)
-        if tail is not None and not set(tail.nodes) <= floating:
-            if not self.tail_rejected:
-                return [tail]
-            # the tail alone did not help: offer it together with the convs that feed it
-            frontier = [
-                blocks.merge_blocks([b, tail], f"{b.name} with the tail")
-                for b in blocks.frontier_blocks(self.graph, floating | set(tail.nodes), self.macs)
-            ]
-        else:
-            frontier = blocks.frontier_blocks(self.graph, floating, self.macs)
+        if tail is not None and not set(tail.nodes) <= covered:
+            return [tail]
+        frontier = blocks.frontier_blocks(self.graph, covered, self.macs)
         if len(frontier) > 1:
             merged = blocks.merge_blocks(frontier, f"all {len(frontier)} frontier compute ops")
             frontier = [*frontier, merged] if len(frontier) + 1 <= remaining else [merged]
+        if carried is not None:
+            frontier = [blocks.merge_blocks([b, carried], f"{b.name} (with {carried.name})")
+                        for b in frontier]
         return frontier
 
     def _grow_float_region(self, path: Path) -> Path:
@@ -293,7 +292,6 @@ class ExclusionSearch:
                             f"task error {self.error:.4g} > {opts.max_error:g}")
                 break
             best = None
-            self._offered_tail = affordable[0].name == TAIL_NAME
             for block in affordable[:remaining]:
                 trial = self.quantizer.quantize([*self.in_float, *block.nodes], "trial")
                 error = self._error(trial)
@@ -302,9 +300,15 @@ class ExclusionSearch:
                     f"task error {error:.4g}")
                 if error < self.error and (best is None or gain > best[0]):
                     best = (gain, block, trial, error)
-            if best is None and not self.tail_rejected and self._offered_tail:
-                self.tail_rejected = True  # try the convs before it, with it
-                continue
+            if best is None and self.quantizer.calls < opts.max_calls:
+                # nothing helped alone: look one step further back, keeping these blocks
+                tried = affordable[:remaining]
+                self.carried = blocks.merge_blocks(
+                    [*tried, *([self.carried] if self.carried else [])],
+                    " + ".join(b.name for b in tried)[:120])
+                if blocks.frontier_blocks(self.graph, set(self.in_float) | set(
+                        self.carried.nodes), self.macs):
+                    continue
             if best is None:
                 report.note(f"auto-exclude stopped: no candidate block lowers the task error "
                             f"{self.error:.4g} (target {opts.max_error:g})")
@@ -317,6 +321,7 @@ class ExclusionSearch:
             })
             self.in_float.extend(new)
             self.error = error
+            self.carried = None
         if self.error > opts.max_error and not self.steps:
             report.note(f"task error {self.error:.4g} above max-error {opts.max_error:g}")
         return path
