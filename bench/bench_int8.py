@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "int8.json"
 CACHE = Path("/tmp/onexone-bench-int8")
 TRAINED = ROOT / "models" / "trained"
-#: det's worktree holds the detector until it is merged into models/trained.
-DETECTOR_DIRS = (TRAINED, Path("/work/wt/det/models/trained"))
+#: Where the trained detector is read: models/trained, or a folder holding the same three files
+#: (`ONEXONE_DETECTOR_DIR`, e.g. a fresh `python -m models.train_detector -o DIR` run).
+DETECTOR_DIRS = tuple(Path(p) for p in filter(None, (os.environ.get("ONEXONE_DETECTOR_DIR"),))
+                      ) + (TRAINED,)
 BOTTLENECK = "bottleneck:target=0.4,init=refit"
 THREADS = (1, 2)
 
@@ -221,7 +223,8 @@ def qdq_placement(path: Path) -> dict[str, Any]:
 
 def run_case(case: Case, plan: Mapping[str, Any], tag: str) -> dict[str, Any]:
     pairs = plan["ocr_pairs"] if case.name.startswith("PP-OCR") else plan["pairs"]
-    out: dict[str, Any] = {"model": case.name, "metric": case.metric_name, "rows": []}
+    out: dict[str, Any] = {"model": case.name, "file": str(case.model),
+                           "metric": case.metric_name, "rows": []}
     paths = {"float": case.model}
     base = {"variant": "float", "passes": [], "file_bytes": case.model.stat().st_size,
             **case.metric(case.model)}
