@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +40,8 @@ from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports, upgr
 #: Default task-error gate: the worst output group's error on the `1 - cosine` scale
 #: (0.02: every group's cosine >= 0.98 and at most 4% of score decisions flip).
 DEFAULT_MAX_ERROR = 0.02
+#: Above this many bytes of weights the float copy handed to onnxruntime uses external data.
+LARGE_MODEL_BYTES = 1_500_000_000
 #: MAC floor of a block when ranking by error per MAC (a decode tail has almost none).
 MAC_FLOOR_SHARE = 0.01
 
@@ -109,10 +111,13 @@ class Quantize(RewritePass):
             )
         if ctx.synthetic:
             self.report.note("calibration data is random: int8 ranges from it mean little")
+        _match_globs(opts.exclude, [n.name for n in model.graph])  # bad globs fail up front
         with tempfile.TemporaryDirectory(prefix="onexone-quantize-") as tmp:
             folder = Path(tmp)
             float_path = folder / "float.onnx"
-            ir.save(model, float_path)
+            big = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                      if v.const_value is not None) > LARGE_MODEL_BYTES
+            ir.save(model, float_path, external_data="float.onnx.data" if big else None)
             source, why = (
                 preprocess(float_path, folder / "pre.onnx")
                 if opts.preprocess else (float_path, "quant_pre_process off (preprocess=false)")
@@ -130,7 +135,7 @@ class Quantize(RewritePass):
                 source = upgraded
             proto = _named_nodes(onnx.load(str(source)), source)
             graph = blocks.NodeGraph(proto)
-            user = _match_globs(opts.exclude, graph.order)
+            user = _match_globs(opts.exclude, graph.order, self.report.note)
             macs = _node_macs(source, ctx.input_shapes)
             fit = ctx.fit.inputs
             n = min(opts.samples, ctx.fit.n)
@@ -335,11 +340,17 @@ def _alias(key: str) -> str:
             "weight-type": "weight", "weight_type": "weight"}.get(str(key), key)
 
 
-def _match_globs(patterns: Sequence[str], names: Sequence[str]) -> dict[str, str]:
-    """Node name -> the glob that matched it; a glob matching no node is a bad option."""
+def _match_globs(
+    patterns: Sequence[str], names: Sequence[str], note: Callable[[str], None] | None = None
+) -> dict[str, str]:
+    """Node name -> the glob that matched it. A glob matching no node is a bad option; after
+    pre-processing (which fuses BatchNormalization away) it is only noted."""
     matched: dict[str, str] = {}
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and note is not None:
+            note(f"exclude={pattern}: its nodes were fused away by pre-processing")
+            continue
         if not hits:
             sample = ", ".join(names[:5])
             raise PassError(f"pass 'quantize': exclude={pattern} matches no node "
