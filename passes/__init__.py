@@ -18,6 +18,7 @@ _PASS_MODULES = (
     "passes.dense_head",
     "passes.merge_1x1",
     "passes.deepen",
+    "passes.quantize",
 )
 _loaded = False
 

@@ -145,6 +145,7 @@ def rewrite(
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+    _check_last(specs, pass_types, distill is not None)
     given_groups = coerce_groups(groups)  # bad group text fails before any work
     loaded_metric = None
     if metric is not None:
@@ -267,6 +268,19 @@ def rewrite(
         after = loaded_metric.evaluate_model(model) if report.passes else None
         report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
+
+
+def _check_last(specs: Sequence[PassSpec], pass_types: Sequence[type], distill: bool) -> None:
+    """A pass that must run last (quantize) refuses a pass or distillation after it."""
+    for i, pass_type in enumerate(pass_types):
+        if not getattr(pass_type, "runs_last", False):
+            continue
+        if i + 1 < len(specs):
+            raise UsageError(f"pass '{specs[i].name}' must run last: '{specs[i + 1].name}' "
+                             f"follows it (put {specs[i].name} at the end of the pipeline)")
+        if distill:
+            raise UsageError(f"pass '{specs[i].name}' must run last: distillation cannot "
+                             "follow it (drop --distill or the quantize pass)")
 
 
 def analysis_cost(
