@@ -40,9 +40,9 @@ from models.zoo import count_macs
 
 SEED = 0
 OPSET = 17
-EPOCHS = 16
+EPOCHS = 20
 SCENES_PER_EPOCH = 1024
-BATCH = 32
+BATCH = 16
 CALIB_SIZE = 128
 TEST_SIZE = 200
 CALIB_SEED, TEST_SEED = 10_001, 20_002
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--scenes-per-epoch", type=int, default=SCENES_PER_EPOCH)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--threads", type=int, default=2, help="fixed for reproducibility")
+    parser.add_argument("--threads", type=int, default=1, help="fixed for reproducibility")
     parser.add_argument("--checkpoint", type=Path, help="save trained weights here, or load "
                         "them from here (skipping training) if the file exists")
     args = parser.parse_args(argv)
