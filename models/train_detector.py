@@ -347,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = DigitDetector()
     meta: dict = {"seed": args.seed, "epochs": args.epochs,
-                  "scenes_per_epoch": args.scenes_per_epoch, "batch": BATCH}
+                  "scenes_per_epoch": args.scenes_per_epoch, "batch": BATCH,
+                  "threads": args.threads}
     if args.checkpoint and args.checkpoint.exists():
         saved = torch.load(args.checkpoint)
         model.load_state_dict(saved["state"])
