@@ -273,11 +273,22 @@ def export_detector(model: DigitDetector, path: Path, example: np.ndarray) -> fl
         model, torch.from_numpy(example), path, opset=OPSET, input_names=("images",),
         output_names=("output0",), dynamic_axes=batch_axes(("images", "output0")),
     )
+    _fix_output_dims(path, [4 + NUM_CLASSES, int(model.head.anchors.shape[1])])
     onnx.checker.check_model(str(path), full_check=True)
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(example)).numpy()
     (actual,) = run_onnx(path, {"images": example})
     return max_relative_error(actual, expected)
+
+
+def _fix_output_dims(path: Path, dims: list[int]) -> None:
+    """Write the static feature and anchor dims the tracer left symbolic (as YOLOv8's export)."""
+    model = onnx.load(str(path))
+    shape = model.graph.output[0].type.tensor_type.shape
+    for dim, value in zip(shape.dim[1:], dims, strict=True):
+        dim.Clear()
+        dim.dim_value = value
+    onnx.save(model, str(path))
 
 
 def evaluate_onnx(path: Path, scenes: Scenes) -> dict[str, float]:
