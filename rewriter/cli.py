@@ -148,6 +148,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     from rewriter.io import load
 
     model = load(args.model)
+    from rewriter.paths import check_run_paths
+
+    check_run_paths(args, model)  # no output may replace an input, before any work
     if args.analyze:
         return _analyze(model, shapes, args, console)
     if not args.passes:

@@ -408,8 +408,11 @@ def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = N
 
 
 def _refuse_unsafe_target(model: ir.Model, out: Path) -> None:
-    if out.is_dir():
-        raise ModelSaveError(f"{out}: output path is a directory")
+    from rewriter.paths import output_problem
+
+    problem = output_problem(out)
+    if problem:
+        raise ModelSaveError(f"{out}: output path {problem}")
     protected = {model.meta.get(META_SOURCE)} | set(model.meta.get(META_DATA_FILES) or [])
     protected.discard(None)
     candidates = {out, out.parent / f"{out.name}.data"}

@@ -33,8 +33,10 @@ def default_output(model_path: str) -> Path:
 
 
 def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Console) -> int:
+    from rewriter.paths import check_run_paths
     from rewriter.progress import show_progress
 
+    check_run_paths(args, model)
     started = time.perf_counter()
     with show_progress(console):
         result, shapes = _rewrite(model, shapes, args, console)

@@ -52,7 +52,7 @@ def make_session(
         v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
     try:
-        if weights < _IN_MEMORY_LIMIT:
+        if weights < _IN_MEMORY_LIMIT and not _has_external_data(model):
             data = ir.serde.serialize_model(model).SerializeToString()
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="onexone-session-") as tmp:
@@ -65,6 +65,20 @@ def make_session(
         raise OnexoneError(
             f"onnxruntime cannot run the model: {' '.join(str(exc).split())[:300]}"
         ) from None
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    """True when a tensor still points at an external file (serialized bytes would make
+    onnxruntime resolve it against the working directory, not the model's folder)."""
+    for graph in model.graphs():
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values()):
+            return True
+        for node in graph:
+            for attr in node.attributes.values():
+                tensor = attr.value if attr.type == ir.AttributeType.TENSOR else None
+                if isinstance(tensor, ir.ExternalTensor):
+                    return True
+    return False
 
 
 def input_names(model: ir.Model) -> list[str]:

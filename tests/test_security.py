@@ -258,7 +258,7 @@ def test_output_equal_to_input_refused(model_file):
 def test_output_equal_to_input_refused_by_cli(model_file):
     before = model_file.read_bytes()
     result = rewrite_cli(model_file, "--pass", "cleanup", "-o", model_file)
-    assert_one_line_error(result, "refusing to overwrite the input")
+    assert_one_line_error(result, "refusing to overwrite the input", code=2)  # usage, up front
     assert model_file.read_bytes() == before
 
 
@@ -267,7 +267,7 @@ def test_output_directory_refused(model_file, tmp_path):
     with pytest.raises(ModelSaveError, match="is a directory"):
         rewriter.save(rewriter.load(model_file), tmp_path / "outdir")
     assert_one_line_error(rewrite_cli(model_file, "--pass", "cleanup", "-o", tmp_path / "outdir"),
-                          "directory")
+                          "directory", code=2)
 
 
 def test_output_data_file_never_the_inputs(tmp_path):
