@@ -122,21 +122,55 @@ def load_calibration(
                 f"--calib {spec}: expected .npz, .npy, a folder of images, or 'random'"
             )
     _check_against_model(data, specs)
+    _check_values(data)
     return data
+
+
+def _check_values(data: CalibrationSet) -> None:
+    """Refuse NaN, inf and float32-overflowing values before any fit sees them."""
+    from rewriter.finite import MAX_ABS, bad_samples
+
+    for name, array in data.inputs.items():
+        bad = bad_samples(array)
+        if len(bad):
+            raise CalibrationError(
+                f"--calib {data.source}: input '{name}' has {len(bad)} of {len(array)} samples "
+                f"with NaN, inf or |value| > {MAX_ABS:g} (first: sample {int(bad[0])}); "
+                "fix or remove them"
+            )
+
+
+def _numeric(array: np.ndarray, what: str, source: str) -> np.ndarray:
+    """The array when it holds numbers (bool, int, float); strings and objects are refused."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise CalibrationError(
+            f"--calib {source}: {what} holds {array.dtype} values, not numbers"
+        )
+    return array
 
 
 def _from_mapping(
     arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str
 ) -> CalibrationSet:
     labels = arrays.pop("labels", None)
+    if labels is not None:
+        labels = _numeric(labels, "'labels'", source)
+        if labels.ndim != 1:
+            raise CalibrationError(
+                f"--calib {source}: 'labels' must hold one class index per sample (shape [N]), "
+                f"not shape {list(labels.shape)}"
+            )
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise CalibrationError(
             f"--calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
         )
-    inputs = {
-        s.name: np.ascontiguousarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs
-    }
+    inputs = {}
+    for s in specs:
+        array = _numeric(arrays[s.name], f"input '{s.name}'", source)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as inf, refused
+            inputs[s.name] = np.ascontiguousarray(array).astype(s.dtype, copy=False)
     return CalibrationSet(inputs, labels, source, synthetic=False)
 
 
