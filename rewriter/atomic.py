@@ -100,9 +100,7 @@ def stage_bytes(path: Path, data: bytes, *, label: str | None = None) -> Path:
         ) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_all(f, data)
         os.chmod(tmp, _umask_mode())
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -113,6 +111,13 @@ def stage_bytes(path: Path, data: bytes, *, label: str | None = None) -> Path:
             ) from None
         raise
     return Path(tmp)
+
+
+def _write_all(f, data: bytes) -> None:
+    """Write, flush and fsync (a full disk fails here, before anything is renamed)."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def commit_file(staged: Path, path: Path, *, label: str | None = None) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +148,9 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             raise ModelLoadError(
                 f"{label}: {where} uses external data; load the model from its file path"
             )
+        if "\x00" in location:
+            raise ModelLoadError(f"{label}: {where} external data location {location!r} "
+                                 "contains a NUL byte")
         if not location or os.path.isabs(location) or Path(location).drive:
             raise ModelLoadError(
                 f"{label}: {where} has an absolute or empty external data location {location!r}"
@@ -166,7 +168,9 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             )
         if not target.is_file():
             raise ModelLoadError(f"{label}: {where} external data file {location!r} is missing")
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        offset, length = _external_int(info, "offset", where, label), info.get("length")
+        if length is not None:
+            length = _external_int(info, "length", where, label)
         expected = _declared_nbytes(tensor)
         size = target.stat().st_size
         if length is not None and expected is not None and int(length) != expected:
@@ -182,6 +186,15 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             )
         files.add(str(target))
     return files
+
+
+def _external_int(info: dict[str, str], key: str, where: str, label: str) -> int:
+    """An external-data `offset`/`length` entry as a non-negative integer, else a clear error."""
+    text = info.get(key, "") or "0"
+    if not (text.isascii() and text.isdigit()):
+        raise ModelLoadError(f"{label}: {where} external data {key} {text!r} is not a "
+                             "non-negative integer")
+    return int(text)
 
 
 def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -323,19 +336,73 @@ def _first_line(exc: BaseException) -> str:
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Validate the model on a temp file in the target folder, then rename it into place.
 
-    External data is used when the model came with it or is over the protobuf limit; the data
-    file is named after the output (`out.onnx.data`). Returns the absolute output path.
+    External data is used when the model came with it or is over the protobuf limit. Returns
+    the absolute output path.
     """
+    staged = stage(model, path, external_data=external_data)
+    try:
+        return staged.commit()
+    finally:
+        staged.discard()
+
+
+class StagedModel:
+    """A validated model (and data file) in a private temp folder beside its output, not yet
+    visible: `commit()` renames it into place, `discard()` removes it. Lets a caller write the
+    report and plot first, so a failure there leaves no model behind."""
+
+    def __init__(self, model: ir.Model, out: Path, tmp_dir: Path, data_name: str | None) -> None:
+        self.out, self.tmp_dir, self.data_name = out, tmp_dir, data_name
+        self._model = model
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the output will take (model plus data file)."""
+        return sum(p.stat().st_size for p in self.tmp_dir.iterdir() if p.is_file())
+
+    def commit(self) -> Path:
+        from rewriter.atomic import fault_point
+
+        mode = _output_mode(self._model)
+        tmp_model = self.tmp_dir / self.out.name
+        try:
+            if self.data_name:
+                os.chmod(self.tmp_dir / self.data_name, mode)
+                os.replace(self.tmp_dir / self.data_name, self.out.parent / self.data_name)
+                fault_point("data-renamed")
+            os.chmod(tmp_model, mode)
+            os.replace(tmp_model, self.out)
+        except OSError as exc:
+            raise ModelSaveError(f"{self.out}: cannot write ({exc.strerror or exc})") from None
+        return self.out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def stage(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+          ) -> StagedModel:
+    """Serialize and validate `model` for `path` in a temp folder (see `StagedModel`)."""
+    from rewriter.atomic import make_temp_dir
+    from rewriter.finite import new_nonfinite_tensors
+
     out = Path(path).expanduser().absolute()
     _refuse_unsafe_target(model, out)
     problem = conv_weight_problem(model)
     if problem:
         raise ModelSaveError(f"{out}: rewritten model is invalid: {problem}")
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        raise ModelSaveError(f"{out}: refusing to save {bad[0][0]} with {bad[0][1]} NaN/inf "
+                             "values; nothing written")
     if external_data is None:
         external_data = _has_external_tensors(model) or _initializer_bytes(model) > PROTOBUF_LIMIT
     data_name = f"{out.name}.data" if external_data else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onexone-", dir=out.parent))
+    try:
+        tmp_dir = make_temp_dir(out.parent)
+    except OSError as exc:
+        raise ModelSaveError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    staged = StagedModel(model, out, tmp_dir, data_name)
     try:
         tmp_model = tmp_dir / out.name
         try:
@@ -344,15 +411,10 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         except Exception as exc:
             raise ModelSaveError(f"{out}: cannot serialize model: {_first_line(exc)}") from None
         validate_file(tmp_model, label=str(out), custom_domains=_custom_domains(model))
-        mode = _output_mode(model)
-        if data_name:
-            os.chmod(tmp_dir / data_name, mode)
-            os.replace(tmp_dir / data_name, out.parent / data_name)
-        os.chmod(tmp_model, mode)
-        os.replace(tmp_model, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
 
 
 @contextlib.contextmanager

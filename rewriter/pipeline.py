@@ -25,6 +25,7 @@ from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
 from rewriter.errors import InternalCheckError, UsageError
 from rewriter.fidelity import output_fidelity, summarize
+from rewriter.finite import finite_part, new_nonfinite_tensors, nonfinite_outputs, within
 from rewriter.io import META_SOURCE, load
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
@@ -168,13 +169,15 @@ def rewrite(
     for spec, pass_type in zip(specs, pass_types, strict=True):
         log(f"pass {spec}")
         instance = pass_type(spec.options, context)
-        snapshot = model.clone() if reference is not None else None  # tensors are shared
+        snapshot = model.clone() if guard else None  # tensors are shared
         instance(model)
         report.passes.append(instance.report)
         if snapshot is None or not instance.report.n_applied:
             continue
         try:
-            reference = _check_pass(model, instance.report, reference, guard_inputs)
+            _check_weights(model, f"pass '{spec.name}'")
+            if reference is not None:
+                reference = _check_pass(model, instance.report, reference, guard_inputs)
         except InternalCheckError as exc:
             _restore(model, snapshot)
             instance.report.metrics["discarded"] = True
@@ -184,6 +187,7 @@ def rewrite(
             log(f"pass {spec}: {exc}")
     if distill is not None:
         report.passes.append(_distill(original, model, context, distill))
+        _check_weights(model, "distillation")
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
@@ -211,7 +215,20 @@ def measure_fidelity(
     """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
     ref = runtime.run_all(original, data.inputs)
     got = runtime.run_all(rewritten, data.inputs)
-    result = output_fidelity(ref, got, data.labels)
+    bad = nonfinite_outputs(ref, got)
+    if bad:
+        name, count = bad[0]
+        raise InternalCheckError(
+            f"the rewritten model's output '{name}' has {count} NaN/inf values on {data.source} "
+            "where the input model's are finite; nothing written"
+        )
+    numeric = [name for name, array in ref.items() if _is_numeric(array)]
+    for name in set(ref) - set(numeric):
+        if not np.array_equal(ref[name], got[name]):
+            raise InternalCheckError(f"the rewritten model changed non-numeric output '{name}' "
+                                     f"on {data.source}; nothing written")
+    result = output_fidelity({k: ref[k] for k in numeric}, {k: got[k] for k in numeric},
+                             data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
@@ -281,6 +298,8 @@ def _check_pass(
         raise InternalCheckError(
             f"pass '{report.name}' produced a model onnxruntime cannot run: {message}"
         ) from None
+    from rewriter.fidelity import compare_arrays
+
     bound = exact_tolerance(reference.values()) if report.exact else report.error_bound
     per_output = {}
     for name, ref in reference.items():
@@ -289,17 +308,39 @@ def _check_pass(
             raise InternalCheckError(
                 f"pass '{report.name}' changed output '{name}' shape {ref.shape} -> {got.shape}"
             )
-        from rewriter.fidelity import compare_arrays
-
-        per_output[name] = compare_arrays(ref, got)
+        if not _is_numeric(ref):  # strings, ...: a rewrite must leave them exactly as they were
+            if not np.array_equal(ref, got):
+                raise InternalCheckError(f"pass '{report.name}' changed non-numeric output "
+                                         f"'{name}'; its output is discarded")
+            continue
+        per_output[name] = compare_arrays(*finite_part(ref, got))
+    bad = nonfinite_outputs(reference, outputs)
+    if bad:
+        raise InternalCheckError(
+            f"pass '{report.name}' made output '{bad[0][0]}' NaN/inf at {bad[0][1]} positions "
+            "where the input model's is finite; its output is discarded"
+        )
     worst = summarize(per_output)
     report.metrics["guard_rel_l2"] = worst.get("rel_l2")
-    if bound is not None and worst.get("rel_l2", 0.0) > bound:
+    if bound is not None and not within(worst.get("rel_l2", 0.0), bound):
         raise InternalCheckError(
             f"pass '{report.name}' declared output error <= {bound:g} but moved outputs by "
             f"rel L2 {worst['rel_l2']:.3g}; its output is discarded"
         )
     return outputs
+
+
+def _is_numeric(array: np.ndarray) -> bool:
+    return np.asarray(array).dtype.kind in "biuf"
+
+
+def _check_weights(model: ir.Model, who: str) -> None:
+    """Tensors a step created must be finite (NaN weights would ship silently otherwise)."""
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        where, count = bad[0]
+        raise InternalCheckError(f"{who} wrote {count} NaN/inf values into {where}; "
+                                 "that result is refused")
 
 
 def _distill(

@@ -19,6 +19,7 @@ from rewriter.errors import OnexoneError
 _IN_MEMORY_LIMIT = 1_500_000_000  # bytes of weights; above it the session loads from a temp file
 
 
+
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     """CPU session options with threads set explicitly (benchmarks must say what they used)."""
     options = ort.SessionOptions()
@@ -62,9 +63,7 @@ def make_session(
     except OnexoneError:
         raise
     except Exception as exc:
-        raise OnexoneError(
-            f"onnxruntime cannot run the model: {' '.join(str(exc).split())[:300]}"
-        ) from None
+        raise OnexoneError(f"onnxruntime cannot run the model: {_one_line(exc)}") from None
 
 
 def _has_external_data(model: ir.Model) -> bool:
@@ -148,10 +147,28 @@ def run_batched(
         if fixed and real < fixed:
             pad = fixed - real
             feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
-        out = dict(zip(names, session.run(names, feed), strict=True))
+        out = dict(zip(names, run_session(session, names, feed), strict=True))
         if fixed and real < fixed:
             out = {k: v[:real] if v.ndim and v.shape[0] == fixed else v for k, v in out.items()}
         yield out
+
+
+def run_session(
+    session: ort.InferenceSession, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]
+) -> list:
+    """One `session.run`, with onnxruntime's own failures turned into one-line errors."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # failures come back as one line, not onnxruntime's log
+    try:
+        return session.run(list(names) if names else None, dict(feed), options)
+    except OnexoneError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument / ...
+        raise OnexoneError(f"onnxruntime cannot run the model: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def capture(
@@ -162,8 +179,33 @@ def capture(
     label: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` exposing the named intermediate values; yields one dict per batch."""
+    from rewriter.errors import CalibrationError
+    from rewriter.finite import nonfinite_count
+
     session = make_session(with_outputs(model, names), optimize=False)
-    yield from run_batched(session, inputs, names, batch_size, label)
+    for batch in run_batched(session, inputs, names, batch_size, label):
+        for name, array in batch.items():
+            count = nonfinite_count(array) if isinstance(array, np.ndarray) else 0
+            if count:  # a fit on these would return NaN weights or fail in linear algebra
+                _raise_if_nonfinite_weights(model, name)
+                raise CalibrationError(
+                    f"activation '{name}' has {count} NaN/inf values on the calibration data "
+                    "(the model overflows on it); fix the data or exclude that layer"
+                )
+        yield batch
+
+
+def _raise_if_nonfinite_weights(model: ir.Model, activation: str) -> None:
+    """NaN activations from NaN weights an earlier fit wrote: say that, not "bad data"."""
+    from rewriter.errors import InternalCheckError
+    from rewriter.finite import new_nonfinite_tensors
+
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        raise InternalCheckError(
+            f"activation '{activation}' is NaN/inf because a fit wrote {bad[0][1]} NaN/inf values "
+            f"into {bad[0][0]} (check the pass options, e.g. ridge); nothing written"
+        )
 
 
 def run_all(

@@ -189,7 +189,7 @@ def _shapes_by_running(model: ir.Model) -> None:
         names = list(dict.fromkeys(v.name for v in missing))
         session = runtime.make_session(runtime.with_outputs(model, names), optimize=False)
         feeds = {v.name: np.zeros(tuple(v.shape), v.dtype.numpy()) for v in feeds_spec}
-        results = session.run(names, feeds)
+        results = runtime.run_session(session, names, feeds)
     except Exception:  # analysis stays as good as static inference made it
         return
     by_name = {v.name: v for v in missing}
