@@ -100,6 +100,7 @@ def load_calibration(
 
             data = load_image_folder(path, specs, preprocess)
         elif path.suffix == ".npz":
+            _check_npz_size(path, str(spec))
             try:
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
@@ -124,6 +125,21 @@ def load_calibration(
     _check_against_model(data, specs)
     _check_values(data)
     return data
+
+
+def _check_npz_size(path: Path, label: str) -> None:
+    """Decompressed size from the zip headers, checked before anything is inflated (a 1 MB
+    file can hold a 1 GiB array of zeros)."""
+    import zipfile
+
+    from rewriter.limits import check_memory
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CalibrationError(f"--calib {label}: cannot read npz ({exc})") from None
+    check_memory(total, f"--calib {label}: {total} bytes of arrays once decompressed")
 
 
 def _check_values(data: CalibrationSet) -> None:
@@ -177,6 +193,8 @@ def _from_mapping(
 def _random(
     specs: list[InputSpec], input_shapes: Mapping[str, tuple[int, ...]], n: int, seed: int
 ) -> CalibrationSet:
+    from rewriter.limits import check_memory
+
     rng = np.random.default_rng(seed)
     inputs = {}
     for s in specs:
@@ -189,7 +207,14 @@ def _random(
                 f"--calib random: input '{s.name}' has dynamic dims {list(s.shape)}; "
                 f"give --input-shape {s.name}:..."
             )
-        sample = [n, *dims[1:]] if dims else [n]
+        if not dims:
+            raise CalibrationError(
+                f"--calib random: input '{s.name}' is a scalar (no sample axis); give data "
+                "in a .npz instead"
+            )
+        sample = [n, *dims[1:]]
+        check_memory(int(np.prod(sample, dtype=object)) * s.dtype.itemsize,
+                     f"--calib random: {n} samples of input '{s.name}' {sample}")
         if np.issubdtype(s.dtype, np.floating):
             inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
         else:

@@ -42,3 +42,8 @@ class QualityGateError(OnexoneError):
 
 class InternalCheckError(OnexoneError):
     """A pass moved the outputs beyond its own declared bound: a bug, its output is discarded."""
+
+
+class ResourceLimitError(OnexoneError):
+    """A run would exceed a time or memory limit; the message names the limit and how to raise
+    it (exit code 1)."""

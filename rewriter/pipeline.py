@@ -23,10 +23,11 @@ from rewriter.calibration import (
 )
 from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
-from rewriter.errors import InternalCheckError, UsageError
+from rewriter.errors import InternalCheckError, ResourceLimitError, UsageError
 from rewriter.fidelity import output_fidelity, summarize
 from rewriter.finite import finite_part, new_nonfinite_tensors, nonfinite_outputs, within
 from rewriter.io import META_SOURCE, load
+from rewriter.limits import check_memory, feed_bytes, sample_bytes
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
 
@@ -241,16 +242,20 @@ def _guard_inputs(
     if context.holdout is not None:
         return context.holdout.inputs
     rng = np.random.default_rng(seed + 1)
-    feeds = {}
+    wanted = {}
     for s in model_input_specs(model):
         dims = list(shapes.get(s.name) or s.shape)
         if dims and dims[0] is None:
             dims[0] = 1
         if any(d is None for d in dims) or not np.issubdtype(s.dtype, np.floating):
             return None
-        dims = [GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims
-        feeds[s.name] = rng.standard_normal(dims).astype(s.dtype)
-    return feeds
+        wanted[s.name] = ([GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims, s.dtype)
+    check_memory(
+        feed_bytes({k: d for k, (d, _) in wanted.items()}, {k: t for k, (_, t) in wanted.items()})
+        + GUARD_RANDOM_SAMPLES * sample_bytes(model),
+        f"the numerical guard's {GUARD_RANDOM_SAMPLES} random samples",
+    )
+    return {k: rng.standard_normal(d, dtype=np.float32).astype(t) for k, (d, t) in wanted.items()}
 
 
 def _guard_reference(
@@ -261,6 +266,8 @@ def _guard_reference(
         return None
     try:
         return runtime.run_all(model, inputs)
+    except ResourceLimitError:
+        raise
     except Exception as exc:  # custom ops onnxruntime lacks, or inputs it rejects
         message = " ".join(str(exc).split())[:300]
         report.warnings.append(f"numerical guard off: the input model does not run ({message})")
@@ -293,6 +300,8 @@ def _check_pass(
     """Fail loudly when a pass moved outputs beyond its own declared bound."""
     try:
         outputs = runtime.run_all(model, inputs)
+    except ResourceLimitError:
+        raise
     except Exception as exc:  # session creation raises OnexoneError, a failed run ORT's own
         message = " ".join(str(exc).split())[:300]
         raise InternalCheckError(

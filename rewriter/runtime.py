@@ -46,6 +46,9 @@ def make_session(
 
     `config` adds session config entries (e.g. `session.intra_op.allow_spinning`).
     """
+    from rewriter.limits import check_loops, sample_bytes
+
+    check_loops(model)  # a constant trip count of 2^62 is refused before it can hang a run
     options = session_options(threads, optimize)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
@@ -55,11 +58,14 @@ def make_session(
     try:
         if weights < _IN_MEMORY_LIMIT and not _has_external_data(model):
             data = ir.serde.serialize_model(model).SerializeToString()
-            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix="onexone-session-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.TemporaryDirectory(prefix="onexone-session-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                ir.save(model, path, external_data="model.onnx.data")
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session.onexone_sample_bytes = sample_bytes(model)  # read by run_batched
+        return session
     except OnexoneError:
         raise
     except Exception as exc:
@@ -135,8 +141,13 @@ def run_batched(
 
     feeds_wanted = {i.name for i in session.get_inputs()}
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    from rewriter.limits import batch_that_fits
+
     fixed = fixed_batch(session)
-    size = fixed or batch_size
+    per_sample = getattr(session, "onexone_sample_bytes", 0)
+    size = fixed or batch_that_fits(per_sample, batch_size, "running the model")
+    if fixed:
+        batch_that_fits(per_sample * fixed, 1, f"running the model at its fixed batch {fixed}")
     n = len(next(iter(inputs.values()))) if inputs else 0
     batches = iter_batches(inputs, size)
     if label:
@@ -159,8 +170,10 @@ def run_session(
     """One `session.run`, with onnxruntime's own failures turned into one-line errors."""
     options = ort.RunOptions()
     options.log_severity_level = 4  # failures come back as one line, not onnxruntime's log
+    from rewriter.limits import timed_run
+
     try:
-        return session.run(list(names) if names else None, dict(feed), options)
+        return timed_run(session, list(names) if names else None, dict(feed), options)
     except OnexoneError:
         raise
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument / ...
