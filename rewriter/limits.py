@@ -157,27 +157,52 @@ def _constant_int(value: ir.Value | None) -> int | None:
 
 
 def timed_run(session, names, feed, options) -> list:
-    """`session.run` that onnxruntime stops after the time limit (`RunOptions.terminate`)."""
+    """`session.run` that onnxruntime stops (`RunOptions.terminate`) after the time limit or
+    when this thread is interrupted (Ctrl-C, SIGTERM).
+
+    The run happens in a worker thread (onnxruntime releases the GIL) while this one waits in
+    short slices, so signal handlers get to run during a long run instead of after it.
+    """
+    import time
+
     limit = run_timeout_s()
-    if limit is None:
-        return session.run(names, feed, options)
-    expired = threading.Event()
+    deadline = None if limit is None else time.monotonic() + limit
+    box: dict[str, object] = {}
+    done = threading.Event()  # not Thread.join: an interrupted join can report a live thread dead
 
-    def stop() -> None:
-        expired.set()
-        options.terminate = True
+    def work() -> None:
+        try:
+            box["result"] = session.run(names, feed, options)
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
 
-    timer = threading.Timer(limit, stop)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=work, name="onexone-run", daemon=True).start()
+    expired = False
     try:
-        return session.run(names, feed, options)
-    except Exception:
-        if expired.is_set():
+        while not done.wait(0.05):
+            if deadline is not None and not expired and time.monotonic() > deadline:
+                expired = True
+                options.terminate = True
+    except BaseException:  # KeyboardInterrupt (SIGINT, or SIGTERM via the CLI): stop the run
+        options.terminate = True
+        _wait_uninterrupted(done)  # the run must end before the interpreter does
+        raise
+    if "error" in box:
+        if expired:
             raise ResourceLimitError(
                 f"onnxruntime run of the model did not finish within {limit:g} s "
                 f"(set {ENV_TIMEOUT}=SECONDS to raise it, 0 for no limit)"
             ) from None
-        raise
-    finally:
-        timer.cancel()
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+def _wait_uninterrupted(done: threading.Event) -> None:
+    while True:
+        try:
+            if done.wait(0.05):
+                return
+        except KeyboardInterrupt:  # a second Ctrl-C: still wait for onnxruntime to stop
+            continue

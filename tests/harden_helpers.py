@@ -57,3 +57,18 @@ def calib_npz(folder: Path, n: int = 8, name: str = "calib.npz", **arrays) -> Pa
     path = Path(folder) / name
     np.savez(path, **data)
     return path
+
+
+def data_files(model_path: Path) -> list[Path]:
+    """The external data files `model_path` refers to, in its folder (read from the model)."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    names = {e.value for t in proto.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    return sorted(Path(model_path).parent / n for n in names)
+
+
+def hashed_data_files(folder: Path, output_name: str) -> list[Path]:
+    """Data files the tool may have written for output `output_name` (`NAME.<hash8>.data`)."""
+    from rewriter.paths import is_data_file_of
+
+    return sorted(p for p in Path(folder).iterdir() if is_data_file_of(p.name, output_name))
