@@ -451,6 +451,7 @@ def stage(model: ir.Model, path: str | os.PathLike, *, external_data: bool | Non
     except OSError as exc:
         raise ModelSaveError(f"{out}: cannot write ({exc.strerror or exc})") from None
     staged = StagedModel(model, out, tmp_dir, None)
+    _list_initializers_as_inputs(model)
     try:
         tmp_model = tmp_dir / out.name
         plain_data = f"{out.name}.data" if external_data else None
@@ -469,6 +470,18 @@ def stage(model: ir.Model, path: str | os.PathLike, *, external_data: bool | Non
         staged.discard()
         raise
     return staged
+
+
+def _list_initializers_as_inputs(model: ir.Model) -> None:
+    """IR version 3 requires every initializer to be a graph input too; a pass that added one
+    (deepen's identity weights) would otherwise make a valid IR-3 model invalid."""
+    if model.ir_version is None or model.ir_version >= 4:
+        return
+    graph = model.graph
+    listed = set(graph.inputs)
+    for value in graph.initializers.values():
+        if value not in listed:
+            graph.inputs.append(value)
 
 
 def _name_data_by_hash(tmp_model: Path, plain: str) -> str:

@@ -165,6 +165,12 @@ def rewrite(
         )
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
+    if guard and guard_inputs is None:
+        report.warnings.append(
+            "numerical guard off: an input has dynamic dims or is not numeric; give "
+            "--input-shape NAME:D1,... "
+            "or --calib so each pass is checked in onnxruntime"
+        )
     reference = _guard_reference(model, guard_inputs, report)
     discarded: list[str] = []
     for spec, pass_type in zip(specs, pass_types, strict=True):
@@ -247,7 +253,7 @@ def _guard_inputs(
         dims = list(shapes.get(s.name) or s.shape)
         if dims and dims[0] is None:
             dims[0] = 1
-        if any(d is None for d in dims) or not np.issubdtype(s.dtype, np.floating):
+        if any(d is None for d in dims) or s.dtype.kind not in "biuf":
             return None
         wanted[s.name] = ([GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims, s.dtype)
     check_memory(
@@ -255,7 +261,14 @@ def _guard_inputs(
         + GUARD_RANDOM_SAMPLES * sample_bytes(model),
         f"the numerical guard's {GUARD_RANDOM_SAMPLES} random samples",
     )
-    return {k: rng.standard_normal(d, dtype=np.float32).astype(t) for k, (d, t) in wanted.items()}
+    return {k: _random_feed(rng, d, t) for k, (d, t) in wanted.items()}
+
+
+def _random_feed(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> np.ndarray:
+    """Normal floats; 0/1 for integer and bool inputs (valid as indices, masks and flags)."""
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(dims, dtype=np.float32).astype(dtype)
+    return rng.integers(0, 2, dims).astype(dtype)
 
 
 def _guard_reference(
