@@ -541,7 +541,7 @@ def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = N
     import onnxruntime as ort  # local: keeps `import rewriter` light
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as our one line, not ORT's log
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
