@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import importlib
 
-from passes.base import PassOptions, RewritePass, describe_options, option, parse_options
+from rewriter.passes.base import PassOptions, RewritePass, describe_options, option, parse_options
+
 from rewriter.errors import PassError
 
 _REGISTRY: dict[str, type[RewritePass]] = {}
 
 #: Modules that define passes, imported once on first lookup (keeps `import passes` cheap).
 _PASS_MODULES = (
-    "passes.cleanup",
-    "passes.fold_bn",
-    "passes.bottleneck",
-    "passes.spatial_svd",
-    "passes.dense_head",
-    "passes.merge_1x1",
-    "passes.deepen",
-    "passes.quantize",
+    "rewriter.passes.cleanup",
+    "rewriter.passes.fold_bn",
+    "rewriter.passes.bottleneck",
+    "rewriter.passes.spatial_svd",
+    "rewriter.passes.dense_head",
+    "rewriter.passes.merge_1x1",
+    "rewriter.passes.deepen",
+    "rewriter.passes.quantize",
 )
 _loaded = False
 

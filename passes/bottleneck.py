@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import RewritePass, option
+from rewriter.passes.lowrank_pass import LowRankOptions, Timing, measures_on_holdout, run_lowrank
 
-from passes import register
-from passes.base import RewritePass, option
-from passes.lowrank_pass import LowRankOptions, Timing, measures_on_holdout, run_lowrank
 from rewriter.lowrank_methods import METHODS
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_ir as ir
+from rewriter.passes.base import PassOptions, option
 
-from passes.base import PassOptions, option
 from rewriter import conv_timing, lowrank, runtime
 from rewriter.context import PassContext
 from rewriter.errors import PassError

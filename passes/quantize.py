@@ -28,9 +28,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import PassOptions, RewritePass, option
 
-from passes import register
-from passes.base import PassOptions, RewritePass, option
 from rewriter import int8_exclusion as blocks
 from rewriter.context import PassContext
 from rewriter.errors import PassError

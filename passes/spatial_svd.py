@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import RewritePass
+from rewriter.passes.lowrank_pass import LowRankOptions, measures_on_holdout, run_lowrank
 
-from passes import register
-from passes.base import RewritePass
-from passes.lowrank_pass import LowRankOptions, measures_on_holdout, run_lowrank
 from rewriter.lowrank_methods import METHODS
 
 

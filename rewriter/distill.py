@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import PassOptions, option, parse_options
 from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.errors import PassError
+from rewriter.passes.base import PassOptions, option, parse_options
 from rewriter.report import PassReport
 
 

@@ -139,7 +139,7 @@ def rewrite(
     target=auto with `max_drop` as its limit; `min_samples` is the fewest held-out samples a
     choice may be made on (default 16).
     """
-    from passes import get_pass
+    from rewriter.passes import get_pass
 
     log = log or (lambda message: None)
     if not isinstance(model, ir.Model):

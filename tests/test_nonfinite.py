@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from rewriter.passes import RewritePass, register
 
 import rewriter
-from passes import RewritePass, register
 from rewriter.errors import CalibrationError, InternalCheckError, ModelSaveError
 from rewriter.finite import MAX_ABS, bad_samples, within
 from rewriter.graph import Namer, const_array, nodes_by_op, set_constant_input

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
+from rewriter.passes import get_pass
 
-from passes import get_pass
 from rewriter import load, runtime
 from rewriter.cli import main
 from rewriter.errors import PassError, UsageError
