@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 from passes.base import PassOptions, RewritePass, describe_options, option, parse_options
-from rewriter.errors import PassError
+from rewriter.errors import OptionError
+from rewriter.options import did_you_mean
 
 _REGISTRY: dict[str, type[RewritePass]] = {}
 
@@ -49,7 +50,9 @@ def get_pass(name: str) -> type[RewritePass]:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise PassError(f"unknown pass '{name}' (known passes: {known})") from None
+        raise OptionError(
+            f"unknown pass '{name}'{did_you_mean(name, _REGISTRY)} (known passes: {known})"
+        ) from None
 
 
 def available() -> dict[str, type[RewritePass]]:

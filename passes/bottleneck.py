@@ -60,23 +60,25 @@ class BottleneckOptions(PassOptions):
     target: float | Literal["auto"] | None = option(
         None, "remove this share of the whole model's MACs (allocated by least error per MAC "
               "saved), or 'auto': the largest cut whose held-out cosine stays >= min-cosine")
-    min_cosine: float = option(0.99, "fidelity floor for target=auto (worst output cosine)")
+    min_cosine: float = option(0.99, "fidelity floor for target=auto (worst output cosine)", le=1)
     init: Literal["auto", "svd", "whitened", "refit"] = option(
         "auto", "factor init: refit with --calib, svd without")
     mode: Literal["in", "in-out"] = option("in", "in: 1x1 reduce + kxk; in-out: Tucker-2 "
                                                  "(1x1 reduce, kxk core, 1x1 restore)")
     round: int = option(8, "round ranks to a multiple of this (1: no rounding)")
     min_channels: int = option(8, "skip convs with fewer input channels")
-    min_macs: float = option(0.0, "skip convs below this share of the model's MACs")
-    include: list[str] = option([], "only node names matching these globs (a|b)")
-    exclude: list[str] = option([], "never node names matching these globs (a|b)")
-    shrink: float = option(lowrank.DEFAULT_SHRINK, "covariance shrinkage toward the diagonal")
+    min_macs: float = option(0.0, "skip convs below this share of the model's MACs", le=1)
+    include: list[str] = option([], "only node names matching these globs (a+b)")
+    exclude: list[str] = option([], "never node names matching these globs (a+b)")
+    shrink: float = option(lowrank.DEFAULT_SHRINK, "covariance shrinkage toward the diagonal",
+                           le=1)
     ridge: float = option(lowrank.DEFAULT_RIDGE, "refit ridge, relative to the mean diagonal")
-    max_positions: int = option(4096, "refit: output positions sampled per calibration batch")
+    max_positions: int = option(4096, "refit: output positions sampled per calibration batch",
+                                ge=1)
     refit_reduce: int = option(1, "refit: alternations that also refit the 1x1 (small layers)")
     merge: bool = option(True, "fold the 1x1 into a preceding linear 1x1 conv")
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
-    auto_steps: int = option(6, "bisection steps for target=auto")
+    auto_steps: int = option(6, "bisection steps for target=auto", ge=1)
     objective: Literal["macs", "latency"] = option(
         "macs", "macs: rank by MACs saved; latency: time each layer in onnxruntime on this "
                 "machine, skip layers that are not faster, and read target as a share of the "

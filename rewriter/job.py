@@ -17,13 +17,12 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from rewriter.errors import InternalCheckError
+from rewriter.errors import EXIT_GATE, EXIT_OK, InternalCheckError
 from rewriter.gates import evaluate_gates
 from rewriter.io import META_SOURCE, save
+from rewriter.outputs import write_report
 from rewriter.pipeline import RewriteResult, rewrite
 from rewriter.render import print_run_report
-
-EXIT_OK, EXIT_GATE = 0, 3
 
 
 def default_output(model_path: str) -> Path:
@@ -135,16 +134,6 @@ def _refuse_discarded(result: RewriteResult, args: argparse.Namespace) -> None:
         write_report(result.report, Path(path))
     more = f" (and {len(result.discarded) - 1} more)" if len(result.discarded) > 1 else ""
     raise InternalCheckError(f"{result.discarded[0]}{more}; nothing written")
-
-
-def write_report(report: Any, path: Path) -> None:
-    """JSON or Markdown by the file's extension, written atomically."""
-    from rewriter.cli import _write_text
-
-    if path.suffix.lower() == ".md":
-        _write_text(path, report.to_markdown())
-    else:
-        _write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def _peak_rss_mb() -> float:

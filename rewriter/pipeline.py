@@ -26,8 +26,10 @@ from rewriter.cost import ModelCost, model_cost
 from rewriter.errors import InternalCheckError, UsageError
 from rewriter.fidelity import output_fidelity, summarize
 from rewriter.io import META_SOURCE, load
+from rewriter.options import format_pairs, parse_pairs
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
+from rewriter.validate import check_run_arguments
 
 #: An "exact" pass may move outputs by float rounding only; more is a bug.
 EXACT_TOLERANCE = 1e-4
@@ -46,20 +48,14 @@ class PassSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        if not self.options:
-            return self.name
-        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options.items())
-        return f"{self.name}:{opts}"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "|".join(map(str, value))
-    return str(value)
+        return f"{self.name}:{format_pairs(self.options)}" if self.options else self.name
 
 
 def parse_pass_spec(text: str | PassSpec | tuple | Mapping) -> PassSpec:
-    """`bottleneck:ratio=0.25,init=whitened` -> PassSpec; lists use `|` (`exclude=a*|b*`)."""
+    """`bottleneck:ratio=0.25,init=whitened` -> PassSpec; lists use `+` (`exclude=a*+b*`).
+
+    The grammar is `rewriter.options` (shared with distill, preprocess and output groups).
+    """
     if isinstance(text, PassSpec):
         return text
     if isinstance(text, tuple):
@@ -73,14 +69,8 @@ def parse_pass_spec(text: str | PassSpec | tuple | Mapping) -> PassSpec:
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
-        raise UsageError(f"--pass {text!r}: missing pass name")
-    options: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--pass {text!r}: option {item!r} is not key=value")
-        options[key.strip()] = value.strip()
-    return PassSpec(name, options)
+        raise UsageError(f"pass {text!r}: missing pass name")
+    return PassSpec(name, dict(parse_pairs(rest, f"pass {text!r}")))
 
 
 @dataclass
@@ -128,6 +118,9 @@ def rewrite(
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+    pass_options = [t.parse(s.options) for s, t in zip(specs, pass_types, strict=True)]
+    distill_options = _parse_distill(distill)
+    check_run_arguments(holdout=holdout, seed=seed)
 
     data = None
     if calib is not None:
@@ -165,9 +158,9 @@ def rewrite(
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
     discarded: list[str] = []
-    for spec, pass_type in zip(specs, pass_types, strict=True):
+    for spec, pass_type, options in zip(specs, pass_types, pass_options, strict=True):
         log(f"pass {spec}")
-        instance = pass_type(spec.options, context)
+        instance = pass_type(options, context)
         snapshot = model.clone() if reference is not None else None  # tensors are shared
         instance(model)
         report.passes.append(instance.report)
@@ -182,8 +175,8 @@ def rewrite(
             report.warnings.append(f"internal check failed: {exc}")
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
-    if distill is not None:
-        report.passes.append(_distill(original, model, context, distill))
+    if distill_options is not None:
+        report.passes.append(_distill(original, model, context, distill_options))
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
@@ -308,7 +301,7 @@ def _distill(
     """The distillation step, with fidelity on held-out samples before and after it."""
     from rewriter.distill import distill, parse_distill_options
 
-    parsed = parse_distill_options(options)  # bad options fail before any work
+    parsed = parse_distill_options(options)
     before = measure_fidelity(original, model, context.holdout) if context.holdout else None
     step = distill(
         original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
@@ -317,6 +310,18 @@ def _distill(
         step.metrics["fidelity_before"] = before
         step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout)
     return step
+
+
+def _parse_distill(distill: Mapping[str, Any] | str | None) -> Any:
+    """Distillation options parsed before any work; torch checked the same way."""
+    if distill is None:
+        return None
+    from rewriter.distill import parse_distill_options
+    from rewriter.extras import require
+
+    parsed = parse_distill_options(distill)
+    require("torch", "finetune", "distillation")
+    return parsed
 
 
 def _record_provenance(model: ir.Model, specs: Sequence[PassSpec]) -> None:

@@ -33,7 +33,7 @@ class PerturbPass(RewritePass):
 
     @dataclass
     class Options(PassOptions):
-        eps: float = option(0.01, "relative change of every Conv weight")
+        eps: float = option(0.01, "relative change of every Conv weight", signed=True)
 
     def apply(self, model: ir.Model) -> None:
         namer = Namer(model)
