@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from passes.base import PassOptions, RewritePass, describe_options, option, parse_options
 from rewriter.errors import OptionError
-from rewriter.options import did_you_mean
+from rewriter.options import describe_options, did_you_mean, option
+
+if TYPE_CHECKING:  # pragma: no cover
+    from passes.base import PassOptions, RewritePass, parse_options
+
+
+def __getattr__(name: str) -> Any:
+    """`PassOptions`, `RewritePass`, `parse_options` load onnx-ir on first use only."""
+    if name in ("PassOptions", "RewritePass", "parse_options"):
+        import passes.base
+
+        return getattr(passes.base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _REGISTRY: dict[str, type[RewritePass]] = {}
 

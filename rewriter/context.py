@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 
 
@@ -35,6 +34,8 @@ class PassContext:
         self, model: ir.Model, names: Sequence[str], split: str = "fit"
     ) -> Iterator[dict[str, np.ndarray]]:
         """Batches of the named intermediate values of `model` over a calibration split."""
+        from rewriter import runtime
+
         data = self.fit if split == "fit" else self.holdout
         if data is None:
             raise ValueError("no calibration data: pass --calib")

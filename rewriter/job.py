@@ -23,6 +23,7 @@ from rewriter.io import META_SOURCE, save
 from rewriter.outputs import write_report
 from rewriter.pipeline import RewriteResult, rewrite
 from rewriter.render import print_run_report
+from rewriter.saving import record_written
 
 
 def default_output(model_path: str) -> Path:
@@ -62,13 +63,7 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
         None if args.dry_run else Path(args.output) if args.output else default_output(args.model)
     )
     if output is not None and (not failed or args.keep_failed):
-        written = save(result.model, output)
-        report.output, report.written = str(written), True
-        report.file_size_after = sum(
-            p.stat().st_size
-            for p in (written, written.with_name(written.name + ".data"))
-            if p.exists()
-        )
+        record_written(report, save(result.model, output))
     elif output is not None:
         report.output = str(output)
         report.warnings.append(f"quality gate failed: {output} not written (use --keep-failed)")

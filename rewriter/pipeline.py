@@ -36,6 +36,9 @@ EXACT_TOLERANCE = 1e-4
 #: An exact pass may move outputs by this many machine epsilons of the output dtype (matters
 #: for float16, whose epsilon is ~1e-3; float32 stays at EXACT_TOLERANCE).
 EXACT_ROUNDING_EPS = 8
+#: What `calib` and `evaluate` accept (see `rewrite`).
+CalibrationInput = Any
+
 #: Random samples used by the guard when no calibration data is given.
 GUARD_RANDOM_SAMPLES = 2
 
@@ -93,34 +96,72 @@ def rewrite(
     model: ir.Model | str | os.PathLike,
     passes: Sequence[str | PassSpec | tuple | Mapping],
     *,
-    calib: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    calib: CalibrationInput | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    preprocess: str | None = None,
+    preprocess: str | Mapping[str, Any] | None = None,
     holdout: float = 0.25,
     seed: int = 0,
     guard: bool = True,
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
-    evaluate: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    evaluate: CalibrationInput | None = None,
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
-    `distill` (options such as `{"steps": 500, "lr": 1e-3}`, or `{}` for defaults) trains the
-    weights the passes created against the original's outputs afterwards (torch extra).
-    `evaluate` (same forms as `calib`, e.g. a labelled test set) is where fidelity is measured;
-    without it, the held-out part of the calibration data is used.
+    Every argument is checked before any data is read or a pass runs; a mistake raises
+    `UsageError` (an `OptionError` for a misspelt or out-of-range option) naming the argument.
+
+    Args:
+        model: an `onnx_ir.Model` (from `rewriter.load`) or a path to an `.onnx` file.
+        passes: each a string in the one `key=value` grammar, `"name"` or
+            `"name:key=value,key=value"`, with list values joined by `+`
+            (`"bottleneck:target=0.5,init=refit,exclude=head*+stem*"`); or a `PassSpec`, a
+            `(name, {options})` tuple, or a mapping `{"name": ..., **options}` whose values are
+            typed (`{"name": "bottleneck", "ratio": 0.25, "exclude": ["head*"]}`).
+            `rewrite --list-passes` shows every pass with its options and defaults.
+        calib: calibration samples, in any of these forms: a path to a `.npz` (input name ->
+            array, first axis = samples, optional `labels`), a `.npy` (single-input models), a
+            folder of images (see `preprocess`), the string `"random"` (synthetic: a smoke test,
+            never evidence of fidelity), a mapping `{input name: array}`, a `CalibrationSet`,
+            an iterator or generator of input dicts (`{name: array}` per batch or per sample),
+            or an onnxruntime `CalibrationDataReader` (its `get_next()` is read until None).
+            Iterators are consumed once, batch by batch.
+        input_shapes: fixed dims for analysis and benchmarks only (`{"x": (1, 3, 224, 224)}`);
+            dynamic dims are otherwise read off the calibration data. Never frozen in the model.
+        preprocess: for image folders, `"size=224,mean=0.485+0.456+0.406,std=..."` or a
+            mapping with the same keys (`rewriter.images.PreprocessOptions`).
+        holdout: share of calibration samples (in (0, 1)) held out to measure fidelity; the
+            rest fits the data-aware passes.
+        seed: seed (>= 0) for the split, random data and training; same seed, same bytes.
+        guard: after each pass, run the model on held-out (or a few random) inputs and discard
+            the pass's result when it moved the outputs beyond its own declared bound (an exact
+            pass: float rounding). Discarded passes are listed in `RewriteResult.discarded`.
+        log: called with progress messages (the API never prints).
+        distill: options such as `{"steps": 500, "lr": 1e-3}` or `"steps=500,lr=1e-3"` (or
+            `{}` for defaults): afterwards, train the weights the passes created against the
+            original's outputs (needs the `finetune` extra, torch).
+        evaluate: data to measure fidelity on (same forms as `calib`, e.g. a labelled test
+            set); without it, the held-out part of the calibration data is used.
+
+    Returns:
+        A `RewriteResult`: the rewritten model (not yet saved; `rewriter.save(result, path)`
+        writes it and completes the report), the report, and the untouched original.
     """
     from passes import get_pass
 
     log = log or (lambda message: None)
-    if not isinstance(model, ir.Model):
-        model = load(model)
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
     pass_options = [t.parse(s.options) for s, t in zip(specs, pass_types, strict=True)]
     distill_options = _parse_distill(distill)
     check_run_arguments(holdout=holdout, seed=seed)
+    if preprocess is not None:
+        from rewriter.images import parse_preprocess
+
+        parse_preprocess(preprocess)
+    if not isinstance(model, ir.Model):
+        model = load(model)
 
     data = None
     if calib is not None:
@@ -132,7 +173,7 @@ def rewrite(
     report.options = {
         "passes": [str(s) for s in specs],
         "calib": None
-        if calib is None or isinstance(calib, (Mapping, CalibrationSet))
+        if calib is None or not isinstance(calib, (str, os.PathLike))
         else str(calib),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "holdout": holdout,
