@@ -41,6 +41,7 @@ from rewriter.graph import (
     replace_value,
 )
 from rewriter.pointwise import compose, linear_pointwise_producer
+from rewriter.progress import Counter
 from rewriter.shapes import static_shape, with_input_shapes
 
 DEFAULT_RATIO = 0.5
@@ -482,6 +483,7 @@ class BottleneckPass(RewritePass):
                 applied[m.index] = self._rewrite(model, nodes[m.index], m, factors,
                                                  plan[m.index], namer)
             return applied
+        layers = Counter(len(chosen), "refit layer")
         for chunk in self._target_chunks(chosen):
             targets = self._capture_targets(chunk)
             by_index = {c.index: c for c in chunk}
@@ -493,6 +495,8 @@ class BottleneckPass(RewritePass):
                     applied[m.index] = self._rewrite(model, nodes[m.index], m, factors[m.index],
                                                      plan[m.index], namer)
                     del targets[m.index]
+                layers.advance(len(members))
+        layers.close()
         return applied
 
     def _record_unplanned(self, candidates: list[Candidate], plan: dict[int, Rank]) -> None:

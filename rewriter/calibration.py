@@ -92,7 +92,7 @@ def load_calibration(
     elif isinstance(spec, Mapping):
         data = _from_mapping(dict(spec), specs, "<dict>")
     elif str(spec) == "random":
-        data = _random(specs, input_shapes or {}, n_random, seed)
+        data = _random(specs, input_shapes or {}, n_random, seed, model)
     else:
         path = Path(spec)
         if not path.exists():
@@ -193,7 +193,11 @@ def _from_mapping(
 
 
 def _random(
-    specs: list[InputSpec], input_shapes: Mapping[str, tuple[int, ...]], n: int, seed: int
+    specs: list[InputSpec],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    n: int,
+    seed: int,
+    model: ir.Model | None = None,
 ) -> CalibrationSet:
     rng = np.random.default_rng(seed)
     inputs = {}
@@ -211,7 +215,10 @@ def _random(
         if np.issubdtype(s.dtype, np.floating):
             inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
         else:
-            inputs[s.name] = rng.integers(0, 2, sample).astype(s.dtype)
+            from rewriter.synthetic import integer_range
+
+            low, high = integer_range(model, s.name, s.dtype)
+            inputs[s.name] = rng.integers(low, high, sample).astype(s.dtype)
     return CalibrationSet(inputs, None, "random", synthetic=True)
 
 

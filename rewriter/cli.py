@@ -181,14 +181,31 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
 
 
 def _analyze(model: Any, shapes: dict, args: argparse.Namespace, console: Console) -> int:
+    """Per-layer table; never totals that leave unknown nodes out (shapes from --calib or
+    --input-shape, else an error saying exactly what to add)."""
     from rewriter.analyze import analyze
     from rewriter.outputs import write_text
-    from rewriter.render import print_analysis
+    from rewriter.render import print_analysis, print_inputs
+    from rewriter.shape_hint import model_inputs, shapes_needed
 
+    if args.calib is not None:
+        from rewriter.calibration import data_input_shapes, load_calibration
+
+        data = load_calibration(args.calib, model, input_shapes=shapes,
+                                preprocess=args.preprocess, seed=args.seed)
+        shapes = {**data_input_shapes(model, data), **shapes}
     analysis = analyze(model, shapes)
+    analysis.inputs = model_inputs(model)
+    if analysis.unknown:
+        if not args.json:
+            print_inputs(analysis.inputs, console)
+        raise OnexoneError(shapes_needed(model, len(analysis.unknown), "cannot count MACs"))
     if args.json:
         sys.stdout.write(json.dumps(analysis.to_dict(), indent=2) + "\n")
     else:
+        if shapes:
+            fixed = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())
+            console.print(f"analysed at {fixed}" + (" (from --calib)" if args.calib else ""))
         print_analysis(analysis, console)
     for path in args.report:
         write_text(Path(path), json.dumps(analysis.to_dict(), indent=2) + "\n")

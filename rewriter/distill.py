@@ -23,6 +23,7 @@ from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.errors import PassError
 from rewriter.options import option, parse_options
+from rewriter.progress import Counter
 from rewriter.report import PassReport
 
 
@@ -146,6 +147,7 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
         f"{opts.steps} steps, held-out loss {before:.4g}")
     started = time.perf_counter()
     module.train()
+    steps = Counter(opts.steps, "distill step")
     for step in range(1, opts.steps + 1):
         index = np.sort(rng.choice(fit.n, size=min(opts.batch, fit.n), replace=False))
         loss = loss_on({k: v[index] for k, v in fit.inputs.items()},
@@ -156,6 +158,8 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
         schedule.step()
         if step % max(opts.log_every, 1) == 0 or step == opts.steps:
             log(f"distill: step {step}/{opts.steps} loss {float(loss.detach()):.4g}")
+        steps.advance()
+    steps.close()
     after = held_out_loss()
     improved = after < before
     report.metrics.update({

@@ -40,8 +40,12 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
         result, shapes = _rewrite(model, shapes, args, console)
         report = result.report
         _refuse_discarded(result, args)
+        _refuse_unknown_shapes(result)
         if args.bench:
             from rewriter.bench import benchmark_models
+            from rewriter.progress import set_stage
+
+            set_stage("benchmark")
 
             report.latency = benchmark_models(
                 result.original,
@@ -119,6 +123,24 @@ def _cli_options(args: argparse.Namespace) -> dict[str, Any]:
         "dry_run": bool(args.dry_run),
         "config": args.config,
     }
+
+
+#: How a pass's skip reason starts when the node's shapes are not known.
+UNKNOWN_SHAPES = "unknown shapes"
+
+
+def _refuse_unknown_shapes(result: RewriteResult) -> None:
+    """A pass that applied nothing because shapes are unknown did not do its job: exit 1."""
+    from rewriter.errors import OnexoneError
+    from rewriter.shape_hint import shapes_needed
+
+    for p in result.report.passes:
+        blocked = [d for d in p.decisions if not d.applied and d.reason.startswith(UNKNOWN_SHAPES)]
+        if blocked and not p.n_applied:
+            what = f"pass '{p.name}' applied nothing"
+            raise OnexoneError(
+                shapes_needed(result.original, len(blocked), what) + "; nothing written"
+            )
 
 
 def _refuse_discarded(result: RewriteResult, args: argparse.Namespace) -> None:

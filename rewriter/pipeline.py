@@ -27,6 +27,7 @@ from rewriter.errors import InternalCheckError, UsageError
 from rewriter.fidelity import output_fidelity, summarize
 from rewriter.io import META_SOURCE, load
 from rewriter.options import format_pairs, parse_pairs
+from rewriter.progress import set_stage
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
 from rewriter.validate import check_run_arguments
@@ -182,6 +183,7 @@ def rewrite(
     report.warnings.extend(model.meta.get("onexone.warnings") or [])
     before = analysis_cost(model, shapes)
     report.macs_before, report.params_before = before.macs, before.params
+    report.macs_unknown_nodes = len(before.unknown)
 
     context = PassContext(input_shapes=shapes, seed=seed, log=log)
     if data is not None:
@@ -199,7 +201,10 @@ def rewrite(
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
     discarded: list[str] = []
-    for spec, pass_type, options in zip(specs, pass_types, pass_options, strict=True):
+    for number, (spec, pass_type, options) in enumerate(
+        zip(specs, pass_types, pass_options, strict=True), 1
+    ):
+        set_stage(f"pass {number}/{len(specs)} {spec.name}")
         log(f"pass {spec}")
         instance = pass_type(options, context)
         snapshot = model.clone() if reference is not None else None  # tensors are shared
@@ -217,6 +222,7 @@ def rewrite(
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
     if distill_options is not None:
+        set_stage("distill")
         report.passes.append(_distill(original, model, context, distill_options))
     _record_provenance(model, specs)
 
