@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --analyze: JSON on stdout only")
     p.add_argument("--list-passes", action="store_true", help="list passes, options and defaults")
     p.add_argument(
+        "--report-schema", action="store_true", help="print the JSON schema of --report out.json"
+    )
+    p.add_argument(
         "--distill",
         nargs="?",
         const="",
@@ -152,6 +155,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
 
     if args.list_passes:
         _list_passes(console)
+        return EXIT_OK
+    if args.report_schema:
+        from rewriter.resources import report_schema_path
+
+        sys.stdout.write(report_schema_path().read_text())
         return EXIT_OK
     if args.config:
         from rewriter.config import apply_config
