@@ -15,9 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     """`PassOptions`, `RewritePass`, `parse_options` load onnx-ir on first use only."""
     if name in ("PassOptions", "RewritePass", "parse_options"):
-        import passes.base
-
-        return getattr(passes.base, name)
+        return getattr(importlib.import_module("passes.base"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
