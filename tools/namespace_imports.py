@@ -12,6 +12,7 @@ Rewrites, in every .py file under rewriter/, passes/, tests/, bench/, examples/,
     import passes                 -> import rewriter.passes as passes
     import passes.bottleneck      -> import rewriter.passes.bottleneck
     "passes.x" / 'passes.x'       -> "rewriter.passes.x" (module names in strings)
+Import blocks it touched are re-sorted with `ruff check --select I --fix`.
 Code should not refer to `passes.x.y` after a bare `import passes.x` (use `from ... import`).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,7 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(new)
     for path in changed:
         print(path)
+    if changed and not args.check:
+        sort_imports(changed)
     return 1 if args.check and changed else 0
+
+
+def sort_imports(paths: list[Path]) -> None:
+    """Re-sort the import blocks the rename touched (ruff's isort rule), when ruff is there."""
+    try:
+        subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "I", "--fix", "-q",
+                        *map(str, paths)], check=False)
+    except OSError:
+        print("ruff not found: run `ruff check --select I --fix` on the files above")
 
 
 if __name__ == "__main__":
