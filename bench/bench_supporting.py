@@ -68,8 +68,8 @@ def _input(path: Path, shape: tuple[int, ...] | None = None) -> dict[str, np.nda
 def fold_bn_zoo(names: list[str], folder: Path) -> list[dict[str, Any]]:
     """BN count, output change of fold-bn, and onnxruntime's own BN fusion as the float32 floor."""
     import onnx
+    from rewriter.passes import get_pass
 
-    from passes import get_pass
     from rewriter.io import load
 
     rows = []
@@ -205,9 +205,9 @@ def run(full: bool = False) -> dict[str, Any]:
 def _optional(fn: Any, *args: Any) -> Any:
     """Parts that need the bottleneck pass (written separately) report a skip without it."""
     try:
-        import passes.bottleneck  # noqa: F401
+        import rewriter.passes.bottleneck  # noqa: F401
     except ModuleNotFoundError:
-        return {"skipped": "passes.bottleneck not available"}
+        return {"skipped": "rewriter.passes.bottleneck not available"}
     return fn(*args)
 
 

@@ -136,8 +136,9 @@ def int8(model_path: Path, out_path: Path) -> Path:
 
 def alternatives(full: bool) -> dict[str, Any]:
     """Accuracy and latency of int8, bottleneck and bottleneck+int8 on the digits CNN."""
+    from rewriter.passes import available
+
     import rewriter
-    from passes import available
     from rewriter.bench import ab_latency
     from rewriter.runtime import make_session
 

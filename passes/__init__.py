@@ -9,13 +9,13 @@ from rewriter.errors import OptionError
 from rewriter.options import describe_options, did_you_mean, option
 
 if TYPE_CHECKING:  # pragma: no cover
-    from passes.base import PassOptions, RewritePass, parse_options
+    from rewriter.passes.base import PassOptions, RewritePass, parse_options
 
 
 def __getattr__(name: str) -> Any:
     """`PassOptions`, `RewritePass`, `parse_options` load onnx-ir on first use only."""
     if name in ("PassOptions", "RewritePass", "parse_options"):
-        return getattr(importlib.import_module("passes.base"), name)
+        return getattr(importlib.import_module("rewriter.passes.base"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -23,12 +23,12 @@ _REGISTRY: dict[str, type[RewritePass]] = {}
 
 #: Modules that define passes, imported once on first lookup (keeps `import passes` cheap).
 _PASS_MODULES = (
-    "passes.cleanup",
-    "passes.fold_bn",
-    "passes.bottleneck",
-    "passes.dense_head",
-    "passes.merge_1x1",
-    "passes.deepen",
+    "rewriter.passes.cleanup",
+    "rewriter.passes.fold_bn",
+    "rewriter.passes.bottleneck",
+    "rewriter.passes.dense_head",
+    "rewriter.passes.merge_1x1",
+    "rewriter.passes.deepen",
 )
 _loaded = False
 

@@ -22,9 +22,9 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import PassOptions, RewritePass, option
 
-from passes import register
-from passes.base import PassOptions, RewritePass, option
 from rewriter import conv_timing, lowrank, runtime
 from rewriter.cost import conv_macs, model_cost, round_rank
 from rewriter.errors import PassError

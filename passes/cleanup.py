@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateHashedInitializersPass
+from rewriter.passes import option, register
+from rewriter.passes.base import PassOptions, RewritePass
 
-from passes import option, register
-from passes.base import PassOptions, RewritePass
 from rewriter.graph import const_array, remove_unused
 
 

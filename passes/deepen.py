@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from rewriter.passes import option, register
+from rewriter.passes.base import PassOptions, RewritePass
 
-from passes import option, register
-from passes.base import PassOptions, RewritePass
 from rewriter.cost import node_cost
 from rewriter.graph import (
     Namer,

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import PassOptions, RewritePass, option
 
-from passes import register
-from passes.base import PassOptions, RewritePass, option
 from rewriter.fidelity import compare_arrays, looks_like_scores
 from rewriter.graph import Namer
 from rewriter.head_match import DenseHead, DenseLayer, NoMatch, flatten_candidates, match_head

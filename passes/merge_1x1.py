@@ -9,9 +9,9 @@ conv is rewritten in place, so the next 1x1 downstream sees the merged one as it
 from __future__ import annotations
 
 import onnx_ir as ir
+from rewriter.passes import register
+from rewriter.passes.base import PassOptions, RewritePass
 
-from passes import register
-from passes.base import PassOptions, RewritePass
 from rewriter.cost import node_cost
 from rewriter.graph import Namer, const_tensor, float_dtype_of, set_constant_input
 from rewriter.pointwise import as_pointwise, compose, linear_pointwise_producer

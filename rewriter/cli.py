@@ -221,7 +221,7 @@ def _analyze(model: Any, shapes: dict, args: argparse.Namespace, console: Consol
 
 
 def _list_passes(console: Console) -> None:
-    from passes import available, describe_options
+    from rewriter.passes import available, describe_options
 
     for name, cls in available().items():
         console.print(f"[bold]{name}[/bold]: {cls.summary}")

@@ -23,7 +23,7 @@ DEMO_PASSES = ("fold-bn", "bottleneck:target=0.8", "dense-head:hidden=0", "clean
 
 
 def demo_args() -> list[str]:
-    from passes import available
+    from rewriter.passes import available
 
     model = str(TRAINED / "digits_cnn.onnx")
     if "bottleneck" not in available():

@@ -148,7 +148,7 @@ def rewrite(
         A `RewriteResult`: the rewritten model (not yet saved; `rewriter.save(result, path)`
         writes it and completes the report), the report, and the untouched original.
     """
-    from passes import get_pass
+    from rewriter.passes import get_pass
 
     log = log or (lambda message: None)
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}

@@ -99,7 +99,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_passes(passes: list[Any]) -> None:
     """Every pass of the pipeline: its name and all its options."""
-    from passes import get_pass
+    from rewriter.passes import get_pass
     from rewriter.pipeline import parse_pass_spec
 
     for entry in passes:

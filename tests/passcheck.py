@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+from rewriter.passes import get_pass
 
-from passes import get_pass
 from rewriter.io import load
 from rewriter.report import PassReport
 from tests.conftest import ort_run

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+from rewriter.passes import PassOptions, RewritePass, option, register
 
-from passes import PassOptions, RewritePass, option, register
 from rewriter.graph import Namer, const_array, nodes_by_op, set_constant_input
 
 

@@ -119,7 +119,7 @@ def test_list_passes_shows_options_and_defaults(capsys):
     assert "test-perturb" in proc.stdout and "eps=0.01" in proc.stdout
     real = real_cli("--list-passes")
     assert real.returncode == 0
-    from passes import available
+    from rewriter.passes import available
 
     for name in available():
         if not name.startswith("test-"):

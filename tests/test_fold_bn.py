@@ -171,7 +171,7 @@ def test_zoo_models_fold_every_bn_exactly(zoo, name):
 def test_bottleneck_after_fold_bn_factorizes_the_folded_weights(zoo):
     """fold-bn then bottleneck (data-free SVD) on ResNet-50: no BN is left, and each factorized
     conv is the optimal rank-r approximation of the *folded* weight, with the folded bias."""
-    from passes import get_pass
+    from rewriter.passes import get_pass
 
     model, _ = run_pass(zoo("resnet50"), "fold-bn")
     folded = {n.name: (n.inputs[1].const_value.numpy(), n.inputs[2].const_value.numpy())

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from rewriter.passes import RewritePass, register
 
 import rewriter
-from passes import RewritePass, register
 from rewriter.cli import main
 from rewriter.errors import InternalCheckError
 from rewriter.graph import Namer, const_array, nodes_by_op, set_constant_input

@@ -20,7 +20,7 @@ from tests.modelcheck import assert_bit_identical, assert_valid, seeded_feeds
 
 OPSETS = [11, 13, 17, MAX_EXPORT_OPSET]
 SMALL_ZOO = ["convnet", "convnet_gap", "inception3a", "mobilenetv2"]
-HAS_BOTTLENECK = importlib.util.find_spec("passes.bottleneck") is not None
+HAS_BOTTLENECK = importlib.util.find_spec("rewriter.passes.bottleneck") is not None
 
 
 def opsets_of(path) -> dict[str, int]:
@@ -58,7 +58,7 @@ def test_zoo_cleanup_at_opset(zoo, tmp_path, name, opset):
     rewrite_and_check(zoo(name, opset), tmp_path / "out.onnx", ["cleanup"], exact=True)
 
 
-@pytest.mark.skipif(not HAS_BOTTLENECK, reason="passes.bottleneck not importable")
+@pytest.mark.skipif(not HAS_BOTTLENECK, reason="rewriter.passes.bottleneck not importable")
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("name", ["convnet", "inception3a"])
 def test_zoo_bottleneck_at_opset(zoo, tmp_path, name, opset):

@@ -104,7 +104,8 @@ def test_numbers_are_non_negative_unless_declared_signed():
     ],
 )
 def test_every_real_pass_gets_the_range_checks(spec, message):
-    from passes import get_pass
+    from rewriter.passes import get_pass
+
     from rewriter.pipeline import parse_pass_spec
 
     parsed = parse_pass_spec(spec)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+from rewriter.passes.base import PassOptions, option, parse_options
 
-from passes.base import PassOptions, option, parse_options
 from rewriter.errors import PassError, UsageError
 from rewriter.pipeline import PassSpec, parse_pass_spec
 
