@@ -70,8 +70,8 @@ def test_save_given_the_result_completes_its_report(tmp_path):
 
 
 def test_import_starts_no_runtime_and_the_package_is_typed():
-    code = "import sys, rewriter, rewriter.passes; print(sorted(m for m in ('onnxruntime', 'onnx', " \
-           "'onnx_ir', 'torch') if m in sys.modules))"
+    code = ("import sys, rewriter, rewriter.passes; print(sorted(m for m in ('onnxruntime', "
+            "'onnx', 'onnx_ir', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     from pathlib import Path
