@@ -26,10 +26,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 # The declared lower bounds (pyproject, pinned exactly by tools/min_requirements.py) in their own
-# venv, then the fast tests; torch-only tests skip there (no finetune extra at its floor here).
+# venv (with the images and finetune extras at their floors), then the fast tests.
 test-min:
 	test -x $(MIN_VENV)/bin/python || $(PY) -m venv $(MIN_VENV)
-	$(PY) tools/min_requirements.py images > $(MIN_VENV)/min-requirements.txt
+	$(PY) tools/min_requirements.py images finetune > $(MIN_VENV)/min-requirements.txt
 	$(MIN_VENV)/bin/python -m pip install -q -r $(MIN_VENV)/min-requirements.txt \
 		"pytest>=8" "hypothesis>=6.100" "jsonschema>=4"
 	$(MIN_VENV)/bin/python -m pip install -q --no-deps -e .
