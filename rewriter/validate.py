@@ -115,6 +115,10 @@ def _check_gates(args: argparse.Namespace) -> None:
     for flag, value in (("--max-drop", args.max_drop), ("--min-cosine", args.min_cosine)):
         if value is not None and not has_data:
             raise UsageError(f"{flag} needs fidelity data: give --calib (or --eval)")
+        if value is not None and args.calib == "random" and args.eval is None:
+            raise UsageError(
+                f"{flag} on random data proves nothing: give real samples with --calib or --eval"
+            )
 
 
 def _check_paths(args: argparse.Namespace) -> None:

@@ -80,3 +80,15 @@ def test_import_starts_no_runtime_and_the_package_is_typed():
     doc = rewriter.rewrite.__doc__
     for term in ("CalibrationDataReader", "iterator", "guard", "holdout", "key=value", "+"):
         assert term in doc, term
+
+
+def test_demo_writes_under_the_current_directory():
+    from pathlib import Path
+
+    from rewriter import demo
+
+    args = demo.demo_args()
+    outputs = [args[i + 1] for i, a in enumerate(args) if a in ("-o", "--report")]
+    assert outputs and all(not Path(o).is_absolute() for o in outputs)
+    assert all(Path(o).parts[0] == "onexone-demo" for o in outputs)
+    assert Path(args[0]).is_file()  # the shipped model, found installed or in the repository

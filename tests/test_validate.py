@@ -95,6 +95,8 @@ def test_usage_mistakes_exit_2_before_any_work(model, calib, capsys, no_work, fl
 def test_gate_without_fidelity_data_is_a_usage_error(model, capsys, no_work):
     code, err = run(capsys, model, "--pass", "cleanup", "--min-cosine", "0.9")
     assert code == 2 and "--min-cosine needs fidelity data" in err
+    code, err = run(capsys, model, "--pass", "cleanup", "--calib", "random", "--max-drop", "0.1")
+    assert code == 2 and "random data proves nothing" in err
 
 
 def test_config_values_are_checked_the_same_way(model, tmp_path, capsys, no_work):
