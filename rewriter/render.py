@@ -31,7 +31,9 @@ def _shape(s: Any) -> str:
 def print_inputs(inputs: list[dict], console: Console) -> None:
     """The model's inputs, first: what the numbers below are computed for."""
     for entry in inputs:
-        console.print(f"input {entry['name']}: {entry['dtype']} [{', '.join(entry['shape'])}]")
+        console.print(
+            f"input {entry['name']}: {entry['dtype']} [{', '.join(entry['shape'])}]", markup=False
+        )
 
 
 def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import onnx_ir as ir
 
 from rewriter.calibration import model_input_specs
@@ -28,21 +30,40 @@ def dynamic_inputs(model: ir.Model) -> list[str]:
     return [s.name for s in model_input_specs(model) if any(d is None for d in s.shape[1:])]
 
 
+def _placeholder(dim: str, axis: int, rank: int) -> str:
+    """A dim to fill in, by a short readable name (`H`, `W` for an image's last two axes)."""
+    if dim.isdigit():
+        return dim
+    if axis == 0:
+        return "1"
+    if rank == 4 and axis >= 2:
+        return "HW"[axis - 2]
+    return dim if re.fullmatch(r"[A-Za-z_]\w{0,11}", dim) else f"D{axis}"
+
+
+def _placeholders(model: ir.Model) -> dict[str, list[str]]:
+    dynamic = set(dynamic_inputs(model))
+    return {
+        e["name"]: [_placeholder(d, i, len(e["shape"])) for i, d in enumerate(e["shape"])]
+        for e in model_inputs(model)
+        if e["name"] in dynamic
+    }
+
+
 def input_shape_flags(model: ir.Model) -> str:
     """`--input-shape x:1,3,H,W` for each dynamic input (batch 1; fill in the named dims)."""
-    flags = []
-    for entry in model_inputs(model):
-        if entry["name"] not in dynamic_inputs(model):
-            continue
-        dims = ["1" if i == 0 and not d.isdigit() else d for i, d in enumerate(entry["shape"])]
-        flags.append(f"--input-shape {entry['name']}:{','.join(dims)}")
-    return " ".join(flags)
+    return " ".join(
+        f"--input-shape {name}:{','.join(dims)}" for name, dims in _placeholders(model).items()
+    )
 
 
 def shapes_needed(model: ir.Model, unknown: int, what: str) -> str:
     """One line: why `what` cannot be computed, and the exact flags to add."""
     flags = input_shape_flags(model)
-    named = sorted({d for e in model_inputs(model) for d in e["shape"][1:] if not d.isdigit()})
+    named = sorted(
+        {d for dims in _placeholders(model).values() for d in dims[1:] if not d.isdigit()},
+        key=lambda d: (d not in ("H", "W"), d),
+    )
     fill = f", with your sizes for {', '.join(named)}" if named else ""
     return (
         f"{what}: shapes of {unknown} nodes depend on dynamic input dims "
