@@ -73,6 +73,11 @@ class RewritePass(ir.passes.InPlacePass):
             self.report.note("nothing to do: no candidate node in this model")
         return ir.passes.PassResult(model, modified)
 
+    def chooses_on_holdout(self) -> bool:
+        """True when the pass makes a choice on the held-out split (numbers measured there are
+        then optimistic, so the run measures its headline on a split no choice saw)."""
+        return False
+
     @abstractmethod
     def apply(self, model: ir.Model) -> None:
         """Rewrite `model` in place, recording a decision for every candidate in `self.report`."""

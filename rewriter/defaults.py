@@ -36,6 +36,10 @@ CLI_DEFAULTS: dict[str, Any] = {
     "batch": [],
     "plot": None,
     "quiet": False,
+    "groups": [],
+    "metric": None,
+    "max_flip": None,
+    "min_samples": None,
 }
 
 #: Report files by suffix.

@@ -54,3 +54,7 @@ class QualityGateError(OnexoneError):
 
 class InternalCheckError(OnexoneError):
     """A pass moved the outputs beyond its own declared bound: a bug, its output is discarded."""
+
+
+class DetectionError(OnexoneError):
+    """Detector outputs, detections or ground truth are not in the layout the metric reads."""

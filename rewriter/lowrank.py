@@ -60,6 +60,11 @@ def _balance(p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p / norms[:, None], b * norms[:, None]
 
 
+def balance(p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Public form of `_balance`, for factorizations built outside this module."""
+    return _balance(p, b)
+
+
 # ------------------------------------------------------------------------------ second moments
 
 

@@ -24,7 +24,13 @@ from rewriter.calibration import (
 from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
 from rewriter.errors import InternalCheckError, UsageError
-from rewriter.fidelity import output_fidelity, summarize
+from rewriter.evidence import (
+    few_samples_warning,
+    narrow_calibration_warnings,
+    split_for_choices,
+)
+from rewriter.fidelity import task_fidelity
+from rewriter.groups import OutputGroup, bind_groups, coerce_groups, format_groups
 from rewriter.io import META_SOURCE, load
 from rewriter.options import format_pairs, parse_pairs
 from rewriter.progress import set_stage
@@ -106,6 +112,10 @@ def rewrite(
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
     evaluate: CalibrationInput | None = None,
+    groups: str | Sequence[str | OutputGroup] | None = None,
+    metric: Any = None,
+    max_drop: float | None = None,
+    min_samples: int | None = None,
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
@@ -143,6 +153,16 @@ def rewrite(
             original's outputs (needs the `finetune` extra, torch).
         evaluate: data to measure fidelity on (same forms as `calib`, e.g. a labelled test
             set); without it, the held-out part of the calibration data is used.
+        groups: `"output0:box=0-3+cls=4-13"` (the same grammar) or a list of `OutputGroup`:
+            overrides the automatic output groups fidelity is judged by.
+        metric: `"module:function"`, `"file.py:function"` or a callable taking a model path;
+            evaluated on the original once and on the rewritten model, and drives
+            `target=auto` with `max_drop` as its limit.
+        max_drop: the largest drop of `metric` that `target=auto` may accept.
+        min_samples: the fewest held-out samples a choice may be made on (default 16).
+        When a step chooses on the held-out part (target=auto, a fitted dense head,
+        distillation), a third *report* split that no choice saw is carved from the
+        calibration data for the headline.
 
     Returns:
         A `RewriteResult`: the rewritten model (not yet saved; `rewriter.save(result, path)`
@@ -161,8 +181,18 @@ def rewrite(
         from rewriter.images import parse_preprocess
 
         parse_preprocess(preprocess)
+    given_groups = coerce_groups(groups)  # bad group text fails before any work
+    loaded_metric = None
+    if metric is not None:
+        from rewriter.usermetric import load_metric
+
+        loaded_metric = load_metric(metric)
     if not isinstance(model, ir.Model):
         model = load(model)
+    context = PassContext(input_shapes=shapes, seed=seed, log=log, max_drop=max_drop)
+    if min_samples is not None:
+        context.min_samples = int(min_samples)
+    instances = [t(o, context) for o, t in zip(pass_options, pass_types, strict=True)]
 
     data = None
     if calib is not None:
@@ -185,35 +215,54 @@ def rewrite(
     report.macs_before, report.params_before = before.macs, before.params
     report.macs_unknown_nodes = len(before.unknown)
 
-    context = PassContext(input_shapes=shapes, seed=seed, log=log)
+    context.input_shapes = shapes
+    report_split: CalibrationSet | None = None
+    chooses = distill is not None or any(p.chooses_on_holdout() for p in instances)
     if data is not None:
         context.fit, context.holdout = data.split(holdout, seed)
+        if chooses and evaluate is None and data.n >= 3:
+            context.fit, context.holdout, report_split = split_for_choices(data, holdout, seed)
         if data.synthetic:
             report.warnings.append(
                 "calibration data is random: data-aware results mean little, "
                 "fidelity is a smoke test"
             )
-        log(
-            f"calibration: {data.n} samples from {data.source} "
-            f"({context.fit.n} fit, {context.holdout.n} held out)"
-        )
+        parts = f"{context.fit.n} fit, {context.holdout.n} held out"
+        if report_split is not None:
+            parts = f"{context.fit.n} fit, {context.holdout.n} select, {report_split.n} report"
+        log(f"calibration: {data.n} samples from {data.source} ({parts})")
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     reference = _guard_reference(model, guard_inputs, report)
+    original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
+    if reference is not None:
+        context.groups = bind_groups(given_groups, reference)
+        report.options["groups"] = format_groups(context.groups) or None
+        log("output groups: " + "; ".join(g.describe() for g in context.groups))
+    else:
+        context.groups = list(given_groups)
+    if data is not None:
+        held_reference = reference if context.holdout is not None else None
+        report.warnings.extend(narrow_calibration_warnings(data, held_reference, seed))
+    if loaded_metric is not None:
+        context.metric = loaded_metric
+        log(f"metric {loaded_metric.spec}: evaluating the original")
+        context.metric_baseline = loaded_metric.evaluate_model(original)
     discarded: list[str] = []
-    for number, (spec, pass_type, options) in enumerate(
-        zip(specs, pass_types, pass_options, strict=True), 1
-    ):
+    for number, (spec, instance) in enumerate(zip(specs, instances, strict=True), 1):
         set_stage(f"pass {number}/{len(specs)} {spec.name}")
         log(f"pass {spec}")
-        instance = pass_type(options, context)
         snapshot = model.clone() if reference is not None else None  # tensors are shared
+        context.before = snapshot  # run facts the pass may reuse instead of recomputing
+        context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
         report.passes.append(instance.report)
         if snapshot is None or not instance.report.n_applied:
             continue
         try:
-            reference = _check_pass(model, instance.report, reference, guard_inputs)
+            reference = _check_pass(
+                model, instance.report, reference, guard_inputs, context.groups
+            )
         except InternalCheckError as exc:
             _restore(model, snapshot)
             instance.report.metrics["discarded"] = True
@@ -221,20 +270,43 @@ def rewrite(
             report.warnings.append(f"internal check failed: {exc}")
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
+    context.before = context.reference = None
+    final_outputs = original_outputs is not None and reference
     if distill_options is not None:
         set_stage("distill")
         report.passes.append(_distill(original, model, context, distill_options))
+        final_outputs = None
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
     report.macs_after, report.params_after = after.macs, after.params
     if evaluate is not None and report.passes:
         eval_data = load_calibration(evaluate, model, input_shapes=shapes, seed=seed)
-        report.fidelity = measure_fidelity(original, model, eval_data)
-        report.fidelity["dataset"] = eval_data.source
+        report.fidelity = measure_fidelity(original, model, eval_data, context.groups)
+        report.fidelity.update(dataset=eval_data.source, split="eval")
+    elif report_split is not None and report.passes:
+        report.fidelity = measure_fidelity(original, model, report_split, context.groups)
+        report.fidelity.update(
+            dataset="report split of the calibration data (no choice saw it)", split="report"
+        )
     elif context.holdout is not None and report.passes:
-        report.fidelity = measure_fidelity(original, model, context.holdout)
-        report.fidelity["dataset"] = "held-out calibration samples"
+        report.fidelity = measure_fidelity(original, model, context.holdout, context.groups,
+                                           original_outputs, final_outputs or None)
+        report.fidelity.update(dataset="held-out calibration samples", split="holdout")
+        if chooses:
+            report.warnings.append(
+                "a step chose on the held-out samples the fidelity was measured on: the "
+                "figures are optimistic (give --eval data)"
+            )
+    if report.fidelity is not None:
+        warning = few_samples_warning(report.fidelity.get("samples"), report.fidelity["dataset"])
+        if warning:
+            report.warnings.append(warning)
+    if loaded_metric is not None and context.metric_baseline is not None:
+        from rewriter.usermetric import metric_summary
+
+        after = loaded_metric.evaluate_model(model) if report.passes else None
+        report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
 
 
@@ -246,15 +318,25 @@ def analysis_cost(
 
 
 def measure_fidelity(
-    original: ir.Model, rewritten: ir.Model, data: CalibrationSet
+    original: ir.Model,
+    rewritten: ir.Model,
+    data: CalibrationSet,
+    groups: Sequence[OutputGroup] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    candidate: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
-    ref = runtime.run_all(original, data.inputs)
-    got = runtime.run_all(rewritten, data.inputs)
-    result = output_fidelity(ref, got, data.labels)
+    """Per-group fidelity of `rewritten` against `original` on `data` (held-out samples);
+    outputs the run already computed on `data` may be passed instead of recomputed."""
+    ref = reference if reference is not None else runtime.run_all(original, data.inputs)
+    got = candidate if candidate is not None else runtime.run_all(rewritten, data.inputs)
+    result = task_fidelity(ref, got, groups, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
+
+
+def _holdout_inputs(context: PassContext) -> dict[str, np.ndarray] | None:
+    return context.holdout.inputs if context.holdout is not None else None
 
 
 def _guard_inputs(
@@ -312,8 +394,9 @@ def _check_pass(
     report: PassReport,
     reference: dict[str, np.ndarray],
     inputs: dict[str, np.ndarray],
+    groups: Sequence[OutputGroup] = (),
 ) -> dict[str, np.ndarray]:
-    """Fail loudly when a pass moved outputs beyond its own declared bound."""
+    """Fail loudly when a pass moved any output group beyond its own declared bound."""
     try:
         outputs = runtime.run_all(model, inputs)
     except Exception as exc:  # session creation raises OnexoneError, a failed run ORT's own
@@ -322,22 +405,19 @@ def _check_pass(
             f"pass '{report.name}' produced a model onnxruntime cannot run: {message}"
         ) from None
     bound = exact_tolerance(reference.values()) if report.exact else report.error_bound
-    per_output = {}
     for name, ref in reference.items():
         got = outputs[name]
         if ref.shape != got.shape:
             raise InternalCheckError(
                 f"pass '{report.name}' changed output '{name}' shape {ref.shape} -> {got.shape}"
             )
-        from rewriter.fidelity import compare_arrays
-
-        per_output[name] = compare_arrays(ref, got)
-    worst = summarize(per_output)
-    report.metrics["guard_rel_l2"] = worst.get("rel_l2")
-    if bound is not None and worst.get("rel_l2", 0.0) > bound:
+    fidelity = task_fidelity(reference, outputs, groups)
+    worst = max(fidelity["groups"].items(), key=lambda kv: kv[1]["rel_l2"], default=None)
+    report.metrics["guard_rel_l2"] = worst[1]["rel_l2"] if worst else None
+    if bound is not None and worst is not None and worst[1]["rel_l2"] > bound:
         raise InternalCheckError(
-            f"pass '{report.name}' declared output error <= {bound:g} but moved outputs by "
-            f"rel L2 {worst['rel_l2']:.3g}; its output is discarded"
+            f"pass '{report.name}' declared output error <= {bound:g} but moved output group "
+            f"{worst[0]} by rel L2 {worst[1]['rel_l2']:.3g}; its output is discarded"
         )
     return outputs
 
@@ -348,14 +428,15 @@ def _distill(
     """The distillation step, with fidelity on held-out samples before and after it."""
     from rewriter.distill import distill, parse_distill_options
 
-    parsed = parse_distill_options(options)
-    before = measure_fidelity(original, model, context.holdout) if context.holdout else None
+    parsed = parse_distill_options(options)  # bad options fail before any work
+    groups = context.groups
+    before = measure_fidelity(original, model, context.holdout, groups) if context.holdout else None
     step = distill(
         original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
     )
     if before is not None:
         step.metrics["fidelity_before"] = before
-        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout)
+        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout, groups)
     return step
 
 

@@ -111,7 +111,10 @@ def print_run_report(report: RunReport, console: Console, limit: int = 30) -> No
     if report.fidelity and report.fidelity.get("synthetic"):
         console.print(f"[yellow]warning:[/yellow] {RANDOM_FIDELITY}")
     elif report.fidelity:
-        console.print(_fidelity_line(report.fidelity))
+        for line in fidelity_lines(report.fidelity):
+            console.print(line)
+    if report.metric:
+        console.print(metric_line(report.metric))
     if report.latency:
         console.print(_latency_line(report.latency))
     for gate in report.gates:
@@ -160,37 +163,76 @@ def totals_line(report: RunReport) -> str:
 _SCORE_NAME = re.compile(r"logit|prob|score|class|cls|softmax|label", re.IGNORECASE)
 
 
+def _n_outputs(f: dict[str, Any]) -> int:
+    """How many outputs the model has (the per-output task table lists only some)."""
+    return len((f.get("whole_tensor") or {}).get("outputs") or f.get("outputs") or {})
+
+
 def score_outputs(f: dict[str, Any]) -> list[str]:
     """Outputs whose top-k agreement may headline: class scores, not regression values.
 
-    An output counts when its metrics say `kind: score`, or (no kinds recorded) when it is the
-    model's only output, or its name says scores (`logits`, `probs`, `cls`, ...).
+    The model's only output counts; else an output counts when its metrics or all its output
+    groups say `kind: score`, or (no kinds recorded) when its name says scores (`logits`,
+    `probs`, `cls`, ...).
     """
     outputs = f.get("outputs") or {}
-    with_topk = {n: m for n, m in outputs.items() if "top1_agreement" in m}
-    kinds = {n: m.get("kind") for n, m in with_topk.items() if m.get("kind")}
+    with_topk = [n for n, m in outputs.items() if "top1_agreement" in m]
+    if _n_outputs(f) == 1:
+        return with_topk
+    kinds: dict[str, set[str]] = {}
+    for name, m in outputs.items():
+        if m.get("kind"):
+            kinds.setdefault(name, set()).add(m["kind"])
+    for g in (f.get("groups") or {}).values():
+        if isinstance(g, dict) and g.get("output") and g.get("kind"):
+            kinds.setdefault(g["output"], set()).add(g["kind"])
     if kinds:
-        return [n for n, k in kinds.items() if k == "score"]
-    if len(outputs) == 1:
-        return list(with_topk)
+        return [n for n in with_topk if kinds.get(n) == {"score"}]
     return [n for n in with_topk if _SCORE_NAME.search(n)]
 
 
-def _fidelity_line(f: dict[str, Any]) -> str:
+def fidelity_lines(f: dict[str, Any]) -> list[str]:
+    """Headline (the worst output group, named), then one line per group; whole-tensor numbers
+    stay in the JSON."""
     where = f.get("dataset") or "held-out calibration samples"
-    parts = [
-        f"fidelity on {f.get('samples', '?')} samples ({where}): cosine {f['cosine']:.5f}",
-        f"rel L2 {f['rel_l2']:.4f}",
-        f"SQNR {f['sqnr_db']:.1f} dB",
-    ]
+    worst = f.get("worst") or {}
+    head = f"fidelity on {f.get('samples', '?')} samples ({where})"
+    if worst:
+        head += f": worst group {worst['group']}, {_group_numbers(worst)}"
+    parts = [head]
     scores = score_outputs(f)
     if scores:
-        worst = min(f["outputs"][n]["top1_agreement"] for n in scores)
-        which = "" if len(f.get("outputs") or {}) == 1 else f" ({', '.join(scores)})"
-        parts.append(f"top-1 agreement {worst:.2%}{which}")
+        top1 = min(f["outputs"][n]["top1_agreement"] for n in scores)
+        which = "" if _n_outputs(f) == 1 else f" ({', '.join(scores)})"
+        parts.append(f"top-1 agreement {top1:.2%}{which}")
     if "accuracy_before" in f:
         parts.append(f"accuracy {f['accuracy_before']:.2%} -> {f['accuracy_after']:.2%}")
+    lines = [", ".join(parts)]
+    groups = f.get("groups") or {}
+    if len(groups) > 1:
+        for label, g in groups.items():
+            lines.append(f"  group {label} (rows {g['rows']}, {g['kind']}): {_group_numbers(g)}")
+    return lines
+
+
+def _group_numbers(g: dict[str, Any]) -> str:
+    sqnr = "inf" if g.get("sqnr_db") is None else f"{g['sqnr_db']:.1f}"
+    parts = [f"cosine {g['cosine']:.5f}", f"rel L2 {g['rel_l2']:.4f}", f"SQNR {sqnr} dB"]
+    if g.get("kind") == "score":
+        parts.append(f"max abs {g['max_abs']:.3g}")
+        for t in ("0.25", "0.5"):
+            if f"flip@{t}" in g:
+                parts.append(f"flip@{t} {g[f'flip@{t}']:.2%} of {g[f'decisions@{t}']}")
+    parts.append(f"task error {g['task_error']:.4g}")
     return ", ".join(parts)
+
+
+def metric_line(m: dict[str, Any]) -> str:
+    """The user's metric: both values and the drop of its primary value."""
+    line = f"metric {m['spec']} ({m['primary']}): original {m['before']:.4f}"
+    if "after" in m:
+        line += f" -> rewritten {m['after']:.4f} (drop {m['drop']:+.4f})"
+    return line + f", {m['calls']} evaluation(s)"
 
 
 def _latency_line(lat: dict[str, Any]) -> str:
@@ -220,7 +262,9 @@ def run_report_markdown(report: RunReport) -> str:
     if report.fidelity and report.fidelity.get("synthetic"):
         lines += [f"- warning: {RANDOM_FIDELITY}", ""]
     elif report.fidelity:
-        lines += [_fidelity_line(report.fidelity), ""]
+        lines += [f"- {line.strip()}" for line in fidelity_lines(report.fidelity)] + [""]
+    if report.metric:
+        lines += [metric_line(report.metric), ""]
     if report.latency:
         lines += [_latency_line(report.latency), ""]
     for gate in report.gates:

@@ -18,6 +18,9 @@ from rewriter.errors import OnexoneError
 
 _IN_MEMORY_LIMIT = 1_500_000_000  # bytes of weights; above it the session loads from a temp file
 
+#: onnxruntime sessions opened by this process (what a run costs; read by benchmarks and tests).
+SESSIONS_OPENED = 0
+
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     """CPU session options with threads set explicitly (benchmarks must say what they used)."""
@@ -45,6 +48,8 @@ def make_session(
 
     `config` adds session config entries (e.g. `session.intra_op.allow_spinning`).
     """
+    global SESSIONS_OPENED
+    SESSIONS_OPENED += 1
     options = session_options(threads, optimize)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)

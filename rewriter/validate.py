@@ -95,6 +95,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         check_number(args.min_cosine, "--min-cosine", ge=-1, le=1)
     if args.min_speedup is not None:
         check_number(args.min_speedup, "--min-speedup", gt=0)
+    if getattr(args, "max_flip", None) is not None:
+        check_number(args.max_flip, "--max-flip", ge=0, le=1)
+    if getattr(args, "min_samples", None) is not None:
+        check_number(args.min_samples, "--min-samples", integer=True, ge=1)
 
 
 def _check_passes(passes: list[Any]) -> None:
@@ -112,7 +116,11 @@ def _check_gates(args: argparse.Namespace) -> None:
     if args.min_speedup is not None and not args.bench:
         raise UsageError("--min-speedup needs --bench (the speedup is measured by the benchmark)")
     has_data = args.calib is not None or args.eval is not None
-    for flag, value in (("--max-drop", args.max_drop), ("--min-cosine", args.min_cosine)):
+    fidelity_gates = (("--max-drop", args.max_drop), ("--min-cosine", args.min_cosine),
+                      ("--max-flip", getattr(args, "max_flip", None)))
+    if getattr(args, "metric", None) is not None:  # --max-drop then gates the user's metric
+        fidelity_gates = fidelity_gates[1:]
+    for flag, value in fidelity_gates:
         if value is not None and not has_data:
             raise UsageError(f"{flag} needs fidelity data: give --calib (or --eval)")
         if value is not None and args.calib == "random" and args.eval is None:

@@ -285,7 +285,7 @@ def test_report_has_estimates_measurements_and_sensitivity_with_calibration():
     report = result.report.passes[0]
     assert report.metrics["init"] == "refit" and report.metrics["layers_rewritten"] == 3
     for decision in report.decisions:
-        for key in ("rank", "estimated_rel_error", "measured_rel_error", "sensitivity_rel_error"):
+        for key in ("rank", "estimated_rel_error", "measured_rel_error", "sensitivity_task_error"):
             assert key in decision.details, key
     assert report.metrics["model_macs_removed_share"] > 0.4
     assert result.report.fidelity["cosine"] > 0.8  # random deep layers are not low rank
@@ -304,7 +304,7 @@ def test_target_and_energy_select_ranks():
 
 
 def test_target_auto_keeps_the_cosine_floor():
-    calib = _calib(64)
+    calib = _calib(96)  # >= 16 samples in the select split, the rest fit and report
     spec = "bottleneck:target=auto,min-cosine=0.995,round=4,auto-steps=4"
     result = rewrite(load(_relu_stack()), [spec], calib=calib)
     report = result.report.passes[0]

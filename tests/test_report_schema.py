@@ -25,7 +25,7 @@ def validate(data: dict) -> None:
 def test_schema_is_valid_and_matches_the_code_version():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     major, minor = SCHEMA_VERSION.split(".")
-    assert major == "1" and minor.isdigit()
+    assert major == "2" and minor.isdigit()
 
 
 def test_full_report_validates(tmp_path):
@@ -49,7 +49,7 @@ def test_full_report_validates(tmp_path):
 def test_minimal_report_validates_and_broken_ones_do_not():
     data = RunReport(model=None).to_dict()
     validate(data)
-    for key, bad in (("macs_before", 1.5), ("schema_version", "2.0"), ("gates", [{"name": "x"}])):
+    for key, bad in (("macs_before", 1.5), ("schema_version", "3.0"), ("gates", [{"name": "x"}])):
         broken = dict(data, **{key: bad})
         with pytest.raises(jsonschema.ValidationError):
             validate(broken)

@@ -74,7 +74,10 @@ def test_a_mac_increase_is_printed_as_an_increase():
 
 
 def test_top1_headline_only_from_class_score_outputs():
-    from rewriter.render import _fidelity_line
+    from rewriter.render import fidelity_lines
+
+    def _fidelity_line(f):
+        return fidelity_lines(f)[0]
 
     base = {"cosine": 0.99, "rel_l2": 0.01, "sqnr_db": 40.0, "samples": 8}
     two = {**base, "top1_agreement": 0.84, "outputs": {
