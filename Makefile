@@ -31,7 +31,7 @@ test-min:
 	test -x $(MIN_VENV)/bin/python || $(PY) -m venv $(MIN_VENV)
 	$(PY) tools/min_requirements.py images finetune > $(MIN_VENV)/min-requirements.txt
 	$(MIN_VENV)/bin/python -m pip install -q -r $(MIN_VENV)/min-requirements.txt \
-		"pytest>=8" "hypothesis>=6.100" "jsonschema>=4"
+		"pytest>=8" "hypothesis>=6.100" "jsonschema>=4" "scikit-learn>=1.3"
 	$(MIN_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(MIN_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E "^(onnx|onnx-ir|onnxruntime|numpy|rich|pillow) "
 	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider
