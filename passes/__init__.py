@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from rewriter.passes.base import PassOptions, RewritePass, describe_options, option, parse_options
+from rewriter.errors import OptionError
+from rewriter.options import describe_options, did_you_mean, option
 
-from rewriter.errors import PassError
+if TYPE_CHECKING:  # pragma: no cover
+    from rewriter.passes.base import PassOptions, RewritePass, parse_options
+
+
+def __getattr__(name: str) -> Any:
+    """`PassOptions`, `RewritePass`, `parse_options` load onnx-ir on first use only."""
+    if name in ("PassOptions", "RewritePass", "parse_options"):
+        return getattr(importlib.import_module("rewriter.passes.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _REGISTRY: dict[str, type[RewritePass]] = {}
 
@@ -52,7 +63,9 @@ def get_pass(name: str) -> type[RewritePass]:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise PassError(f"unknown pass '{name}' (known passes: {known})") from None
+        raise OptionError(
+            f"unknown pass '{name}'{did_you_mean(name, _REGISTRY)} (known passes: {known})"
+        ) from None
 
 
 def available() -> dict[str, type[RewritePass]]:

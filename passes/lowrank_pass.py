@@ -60,30 +60,35 @@ class LowRankOptions(PassOptions):
               "saved), or 'auto': the largest cut whose held-out task error (worst output "
               "group) stays <= 1 - min-cosine, or whose --metric drop stays <= --max-drop")
     min_cosine: float = option(0.99, "fidelity floor for target=auto: every output group's "
-                                     "cosine, rel L2 and score flips (see README Fidelity)")
+                                     "cosine, rel L2 and score flips (see README Fidelity)",
+                               le=1)
     init: Literal["auto", "svd", "whitened", "refit"] = option(
         "auto", "factor init: refit with --calib, svd without")
     round: int = option(DEFAULT_ROUND, "round ranks to a multiple of this (1: no rounding)")
     min_channels: int = option(DEFAULT_MIN_CHANNELS, "skip convs with fewer input channels")
-    min_macs: float = option(0.0, "skip convs below this share of the model's MACs")
-    include: list[str] = option([], "only node names matching these globs (a|b)")
-    exclude: list[str] = option([], "never node names matching these globs (a|b)")
-    shrink: float = option(lowrank.DEFAULT_SHRINK, "covariance shrinkage toward the diagonal")
+    min_macs: float = option(0.0, "skip convs below this share of the model's MACs", le=1)
+    include: list[str] = option([], "only node names matching these globs (a+b)")
+    exclude: list[str] = option([], "never node names matching these globs (a+b)")
+    shrink: float = option(lowrank.DEFAULT_SHRINK, "covariance shrinkage toward the diagonal",
+                           le=1)
     ridge: float = option(lowrank.DEFAULT_RIDGE, "refit ridge, relative to the mean diagonal")
-    max_positions: int = option(4096, "refit: output positions sampled per calibration batch")
+    max_positions: int = option(4096, "refit: output positions sampled per calibration batch",
+                                ge=1)
     sensitivity: bool = option(True, "with --calib: measure each layer's effect on the output")
-    auto_steps: int = option(6, "bisection steps for target=auto")
+    auto_steps: int = option(6, "bisection steps for target=auto", ge=1)
     allocate: Literal["auto", "spectrum", "measured"] = option(
         "auto", "what a target allocates on: spectrum (predicted errors) or measured (each "
                 "layer rewritten alone over a rank grid, task error on held-out data, cached); "
                 "auto: measured for method=auto with --calib, else spectrum")
-    measure_ranks: int = option(4, "allocate=measured: ranks measured per layer and method")
+    measure_ranks: int = option(4, "allocate=measured: ranks measured per layer and method",
+                                ge=1)
     max_layer_error: float | None = option(
-        None, "allocate=measured: no layer at a rank whose measured task error exceeds this")
+        None, "allocate=measured: no layer at a rank whose measured task error exceeds this",
+        ge=0)
     max_error: float | None = option(
-        None, "target=auto: keep the held-out task error <= this (instead of min-cosine)")
+        None, "target=auto: keep the held-out task error <= this (instead of min-cosine)", ge=0)
     backoff_steps: int = option(4, "allocate=measured: rank steps backed off when the whole "
-                                   "model is worse than the per-layer errors predict")
+                                   "model is worse than the per-layer errors predict", ge=0)
     min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
                                            "(default --min-samples, 16)")
 

@@ -42,9 +42,12 @@ class Analysis:
     total_params: int
     candidate_saving: int
     unknown: list[str] = field(default_factory=list)
+    #: The model's inputs (name, dtype, shape with symbolic dims by name).
+    inputs: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
+            "inputs": list(self.inputs),
             "total_macs": int(self.total_macs),
             "total_params": int(self.total_params),
             "candidate_macs_saving": int(self.candidate_saving),

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +75,11 @@ def model_input_specs(model: ir.Model) -> list[InputSpec]:
 
 
 def load_calibration(
-    spec: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet,
+    spec: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | Iterable,
     model: ir.Model,
     *,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    preprocess: str | None = None,
+    preprocess: str | Mapping | None = None,
     n_random: int = 64,
     seed: int = 0,
 ) -> CalibrationSet:
@@ -87,10 +87,12 @@ def load_calibration(
     specs = model_input_specs(model)
     if isinstance(spec, CalibrationSet):
         data = spec
+    elif is_stream(spec):
+        data = from_stream(spec, specs)
     elif isinstance(spec, Mapping):
         data = _from_mapping(dict(spec), specs, "<dict>")
     elif str(spec) == "random":
-        data = _random(specs, input_shapes or {}, n_random, seed)
+        data = _random(specs, input_shapes or {}, n_random, seed, model)
     else:
         path = Path(spec)
         if not path.exists():
@@ -166,6 +168,54 @@ def _numeric(array: np.ndarray, what: str, source: str) -> np.ndarray:
             f"--calib {source}: {what} holds {array.dtype} values, not numbers"
         )
     return array
+def is_stream(spec: object) -> bool:
+    """An onnxruntime `CalibrationDataReader` (has `get_next`) or an iterable of input dicts."""
+    if hasattr(spec, "get_next"):
+        return True
+    return isinstance(spec, Iterable) and not isinstance(
+        spec, (str, bytes, os.PathLike, Mapping, CalibrationSet, np.ndarray)
+    )
+
+
+def from_stream(stream: object, specs: list[InputSpec], source: str = "<stream>") -> CalibrationSet:
+    """Read an iterator/generator of `{input name: array}` dicts (a batch each, or one sample
+    without the batch axis) or a `CalibrationDataReader` once, batch by batch, into one set."""
+    if hasattr(stream, "get_next"):
+        reader = stream
+        items: Iterable = iter(lambda: reader.get_next(), None)  # type: ignore[attr-defined]
+        source = type(stream).__name__
+    else:
+        items = stream  # type: ignore[assignment]
+    names = [s.name for s in specs]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    labels: list[np.ndarray] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise CalibrationError(
+                f"calib {source}: item {index} is a {type(item).__name__}, expected a dict of "
+                f"input name -> array (inputs {names})"
+            )
+        missing = [n for n in names if n not in item]
+        if missing:
+            raise CalibrationError(
+                f"calib {source}: item {index} has no array for input(s) {missing}; "
+                f"found {sorted(item)}"
+            )
+        for s in specs:
+            array = np.asarray(item[s.name])
+            if len(s.shape) and array.ndim == len(s.shape) - 1:
+                array = array[None]  # one sample without the batch axis
+            parts[s.name].append(array.astype(s.dtype, copy=False))
+        if "labels" in item:
+            labels.append(np.atleast_1d(np.asarray(item["labels"])))
+    if not parts[names[0]] if names else True:
+        raise CalibrationError(f"calib {source}: the iterator yielded no samples")
+    try:
+        inputs = {n: np.ascontiguousarray(np.concatenate(parts[n])) for n in names}
+    except ValueError as exc:
+        raise CalibrationError(f"calib {source}: batches do not stack ({exc})") from None
+    label_array = np.concatenate(labels) if labels else None
+    return CalibrationSet(inputs, label_array, source, synthetic=False)
 
 
 def _from_mapping(
@@ -193,7 +243,11 @@ def _from_mapping(
 
 
 def _random(
-    specs: list[InputSpec], input_shapes: Mapping[str, tuple[int, ...]], n: int, seed: int
+    specs: list[InputSpec],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    n: int,
+    seed: int,
+    model: ir.Model | None = None,
 ) -> CalibrationSet:
     from rewriter.limits import check_memory
 
@@ -220,7 +274,10 @@ def _random(
         if np.issubdtype(s.dtype, np.floating):
             inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
         else:
-            inputs[s.name] = rng.integers(0, 2, sample).astype(s.dtype)
+            from rewriter.synthetic import integer_range
+
+            low, high = integer_range(model, s.name, s.dtype)
+            inputs[s.name] = rng.integers(low, high, sample).astype(s.dtype)
     return CalibrationSet(inputs, None, "random", synthetic=True)
 
 

@@ -14,9 +14,17 @@ from typing import Any
 
 from rich.console import Console
 
-from rewriter.errors import OnexoneError, UsageError
+from rewriter.defaults import default
+from rewriter.errors import (
+    EXIT_FAILURE,
+    EXIT_GATE,
+    EXIT_OK,
+    EXIT_USAGE,
+    OnexoneError,
+    UsageError,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+__all__ = ["EXIT_FAILURE", "EXIT_GATE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pass",
         dest="passes",
         action="append",
-        default=[],
+        default=default("passes"),
         metavar="NAME[:k=v,...]",
-        help="pass to run (repeatable, runs in order); list values use '|'",
+        help="pass to run (repeatable, runs in order); list values use '+' (exclude=a*+b*)",
     )
     p.add_argument("-o", "--output", help="output path (default: MODEL.rewritten.onnx)")
     p.add_argument("--config", help="pipeline TOML file (passes, calibration, gates, outputs)")
@@ -46,18 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="data to measure fidelity on (same forms as --calib, e.g. a labelled "
         "test .npz); default: the held-out calibration samples",
     )
-    p.add_argument("--preprocess", help="for image folders: size=224,mean=...,std=...,layout=NCHW")
+    p.add_argument(
+        "--preprocess",
+        metavar="k=v,...",
+        help="for image folders: size=224,mean=0.485+0.456+0.406,std=0.229+0.224+0.225,"
+        "scale=,layout=NCHW|NHWC,color=rgb|bgr|gray,resize=stretch|crop,limit=N",
+    )
     p.add_argument(
         "--input-shape",
         action="append",
-        default=[],
+        default=default("input_shape"),
         metavar="NAME:D1,D2,...",
         help="fix dynamic input dims for analysis and benchmarking (never in the output)",
     )
     p.add_argument(
         "--report",
         action="append",
-        default=[],
+        default=default("report"),
         metavar="PATH",
         help="write the report (.json or .md; repeatable)",
     )
@@ -68,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --analyze: JSON on stdout only")
     p.add_argument("--list-passes", action="store_true", help="list passes, options and defaults")
     p.add_argument(
+        "--report-schema", action="store_true", help="print the JSON schema of --report out.json"
+    )
+    p.add_argument(
         "--distill",
         nargs="?",
         const="",
@@ -75,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the passes, train the weights they created against the original's "
         "outputs on --calib inputs (torch extra), e.g. steps=500,lr=1e-3",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and training (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=default("seed"), help="seed for sampling and training (>= 0)"
+    )
     p.add_argument(
         "--holdout",
         type=float,
-        default=0.25,
+        default=default("holdout"),
         help="share of calibration samples held out for fidelity (default 0.25)",
     )
     p.add_argument("--max-drop", type=float, help="gate: max drop of accuracy / top-1 agreement")
@@ -93,9 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bench", action="store_true", help="measure latency in onnxruntime (A/B)")
     p.add_argument(
-        "--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)"
+        "--threads",
+        type=int,
+        default=default("threads"),
+        help="onnxruntime intra-op threads (default 1; 0: onnxruntime's choice)",
     )
-    p.add_argument("--batch", type=int, action="append", default=[], help="benchmark batch size(s)")
+    p.add_argument(
+        "--batch", type=int, action="append", default=default("batch"),
+        help="benchmark batch size(s)",
+    )
     p.add_argument("--plot", help="write a PNG of per-layer MACs and latency (needs [plot] extra)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on the terminal")
     p.add_argument("--version", action="version", version=f"onexone {__version__}")
@@ -151,6 +175,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     if args.list_passes:
         _list_passes(console)
         return EXIT_OK
+    if args.report_schema:
+        from rewriter.resources import report_schema_path
+
+        sys.stdout.write(report_schema_path().read_text())
+        return EXIT_OK
     if args.config:
         from rewriter.config import apply_config
 
@@ -163,6 +192,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
         shapes = parse_input_shapes(args.input_shape)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not args.analyze and not args.passes:
+        raise UsageError("nothing to do: give --pass NAME (see --list-passes) or --analyze")
+    from rewriter.validate import validate_cli_args
+
+    validate_cli_args(args)  # everything checked before the model or any data is read
     from rewriter.io import load
 
     model = load(args.model)
@@ -171,24 +205,40 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     check_run_paths(args, model)  # no output may replace an input, before any work
     if args.analyze:
         return _analyze(model, shapes, args, console)
-    if not args.passes:
-        raise UsageError("nothing to do: give --pass NAME (see --list-passes) or --analyze")
     from rewriter.job import run_job
 
     return run_job(model, shapes, args, console)
 
 
 def _analyze(model: Any, shapes: dict, args: argparse.Namespace, console: Console) -> int:
+    """Per-layer table; never totals that leave unknown nodes out (shapes from --calib or
+    --input-shape, else an error saying exactly what to add)."""
     from rewriter.analyze import analyze
-    from rewriter.render import print_analysis
+    from rewriter.outputs import write_text
+    from rewriter.render import print_analysis, print_inputs
+    from rewriter.shape_hint import model_inputs, shapes_needed
 
+    if args.calib is not None:
+        from rewriter.calibration import data_input_shapes, load_calibration
+
+        data = load_calibration(args.calib, model, input_shapes=shapes,
+                                preprocess=args.preprocess, seed=args.seed)
+        shapes = {**data_input_shapes(model, data), **shapes}
     analysis = analyze(model, shapes)
+    analysis.inputs = model_inputs(model)
+    if analysis.unknown:
+        if not args.json:
+            print_inputs(analysis.inputs, console)
+        raise OnexoneError(shapes_needed(model, len(analysis.unknown), "cannot count MACs"))
     if args.json:
         sys.stdout.write(json.dumps(analysis.to_dict(), indent=2) + "\n")
     else:
+        if shapes:
+            fixed = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())
+            console.print(f"analysed at {fixed}" + (" (from --calib)" if args.calib else ""))
         print_analysis(analysis, console)
     for path in args.report:
-        _write_text(Path(path), json.dumps(analysis.to_dict(), indent=2) + "\n")
+        write_text(Path(path), json.dumps(analysis.to_dict(), indent=2) + "\n")
     return EXIT_OK
 
 
@@ -197,15 +247,8 @@ def _list_passes(console: Console) -> None:
 
     for name, cls in available().items():
         console.print(f"[bold]{name}[/bold]: {cls.summary}")
-        for opt, default, text in describe_options(cls.Options):
-            console.print(f"    {opt}={default}  {text}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (flushed temp file in the same folder, then rename)."""
-    from rewriter.atomic import write_bytes_atomic
-
-    write_bytes_atomic(path, text.encode(), label=f"--report {path}")
+        for opt, value, text in describe_options(cls.Options):
+            console.print(f"    {opt}={value}  {text}")
 
 
 if __name__ == "__main__":

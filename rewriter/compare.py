@@ -15,9 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.errors import OnexoneError, UsageError
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+from rewriter.errors import (  # noqa: F401  (exit codes re-exported for callers)
+    EXIT_FAILURE,
+    EXIT_GATE,
+    EXIT_OK,
+    EXIT_USAGE,
+    OnexoneError,
+    UsageError,
+)
 
 
 def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +104,7 @@ def run_compare(args: argparse.Namespace, console: Any) -> int:
     import json
 
     from rewriter.gates import evaluate_gates
-    from rewriter.job import write_report
+    from rewriter.outputs import write_report
     from rewriter.render import print_run_report
 
     started = time.perf_counter()

@@ -14,7 +14,7 @@ init = "whitened"
 [calibration]
 data = "calib.npz"              # .npz, .npy, an image folder, or "random"
 eval = "test.npz"               # optional: measure fidelity here instead of the held-out split
-preprocess = "size=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225"
+preprocess = { size = 224, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }
 holdout = 0.25
 min_samples = 16                # fewest held-out samples target=auto may choose on
 
@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rewriter.defaults import CLI_DEFAULTS
 from rewriter.errors import OnexoneError, UsageError
 
 PATH_KEYS = {"model", "output", "calib", "eval", "plot"}
@@ -128,11 +129,8 @@ def apply_config(args: argparse.Namespace, path: Path) -> argparse.Namespace:
     """Fill `args` from the config file where the command line left the default."""
     path = Path(path)
     flags = config_to_flags(load_toml(path), path.resolve().parent, f"--config {path}")
-    from rewriter.cli import build_parser
-
-    defaults = build_parser().parse_args([])
     for dest, value in flags.items():
-        if getattr(args, dest, None) == getattr(defaults, dest, None):
+        if getattr(args, dest, None) == CLI_DEFAULTS.get(dest):
             setattr(args, dest, value)
     return args
 
@@ -162,7 +160,8 @@ def _passes(value: Any, label: str) -> list[dict[str, Any]]:
 
 
 def _normalize(flags: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Config values in the exact form the flags produce, paths made relative to `base`."""
+    """Config values as the flags' destinations hold them, paths made relative to `base`; typed
+    values (pass options, a preprocess table) stay typed."""
     for key in PATH_KEYS & flags.keys():
         flags[key] = _resolve(flags[key], base)
     if "report" in flags:
@@ -170,12 +169,9 @@ def _normalize(flags: dict[str, Any], base: Path) -> dict[str, Any]:
         flags["report"] = [_resolve(str(r), base) for r in reports]
     if "batch" in flags:
         batches = flags["batch"] if isinstance(flags["batch"], list) else [flags["batch"]]
-        flags["batch"] = [int(b) for b in batches]
-    if isinstance(flags.get("preprocess"), dict):
-        flags["preprocess"] = ",".join(
-            f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in flags["preprocess"].items()
-        )
+        for b in batches:
+            _check_type(b, int, "--config: 'bench.batch' items")
+        flags["batch"] = list(batches)
     if "input_shape" in flags:
         shapes = flags["input_shape"]
         if isinstance(shapes, dict):

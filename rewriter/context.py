@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.groups import OutputGroup
 
@@ -53,6 +52,8 @@ class PassContext:
         """`model`'s outputs on the held-out inputs, computed once per run step (`model` must be
         the model that entered the current pass, or its snapshot)."""
         if self.reference is None:
+            from rewriter import runtime
+
             self.reference = runtime.run_all(model, self.holdout.inputs)
         return self.reference
 
@@ -60,6 +61,8 @@ class PassContext:
         self, model: ir.Model, names: Sequence[str], split: str = "fit"
     ) -> Iterator[dict[str, np.ndarray]]:
         """Batches of the named intermediate values of `model` over a calibration split."""
+        from rewriter import runtime
+
         data = self.fit if split == "fit" else self.holdout
         if data is None:
             raise ValueError("no calibration data: pass --calib")

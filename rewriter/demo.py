@@ -2,7 +2,8 @@
 
 Runs fold-bn + bottleneck (refit on the shipped calibration set, 80% of the MACs removed) +
 dense-head, measures accuracy on the shipped test split, benchmarks the result A/B in
-onnxruntime, and prints the report. Writes under build/demo/ only.
+onnxruntime, and prints the report. Writes under `./onexone-demo/` (the current directory, never
+the installed package) only.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import sys
 from pathlib import Path
 
 from rewriter.cli import main
+from rewriter.resources import trained_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ROOT / "models" / "trained"
-OUT = ROOT / "build" / "demo"
+TRAINED = trained_dir()
+#: Relative to the current directory at run time.
+OUT = Path("onexone-demo")
 #: Fold BN so factorization sees the real weights, remove 80% of the MACs where it costs least
 #: error (refit on the shipped calibration set), swap the dense head for a 1x1 conv + GAP.
 DEMO_PASSES = ("fold-bn", "bottleneck:target=0.8", "dense-head:hidden=0", "cleanup")

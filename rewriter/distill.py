@@ -22,36 +22,30 @@ import onnx_ir as ir
 from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.errors import PassError
-from rewriter.passes.base import PassOptions, option, parse_options
+from rewriter.options import option, parse_options
+from rewriter.progress import Counter
 from rewriter.report import PassReport
 
 
 @dataclass
-class DistillOptions(PassOptions):
+class DistillOptions:
     steps: int = option(500, "optimizer steps")
-    lr: float = option(1e-3, "Adam learning rate (cosine-decayed to 0 over the steps)")
-    batch: int = option(32, "samples per step")
+    lr: float = option(1e-3, "Adam learning rate (cosine-decayed to 0 over the steps)", gt=0)
+    batch: int = option(32, "samples per step", ge=1)
     train: list[str] = option(
-        ["new"], "weights to train: 'new' (created by the passes), 'all', or name globs ('|')"
+        ["new"], "weights to train: 'new' (created by the passes), 'all', or name globs (a+b)"
     )
     weight_decay: float = option(0.0, "Adam weight decay")
     keep_worse: bool = option(False, "write trained weights back even if held-out loss got worse")
-    log_every: int = option(50, "log the loss every this many steps")
-
-    def validate(self) -> None:
-        if self.steps < 0 or self.batch < 1 or self.lr <= 0:
-            raise ValueError("steps must be >= 0, batch >= 1 and lr > 0")
+    log_every: int = option(50, "log the loss every this many steps", ge=1)
 
 
-def parse_distill_options(raw: str | Mapping[str, Any] | None) -> DistillOptions:
-    """`steps=500,lr=1e-3` (CLI text) or a mapping -> DistillOptions."""
-    if isinstance(raw, str):
-        items = [p.strip() for p in raw.split(",") if p.strip()]
-        pairs = [item.partition("=") for item in items]
-        bad = [item for item, (_, sep, _) in zip(items, pairs, strict=True) if not sep]
-        if bad:
-            raise PassError(f"--distill: option {bad[0]!r} is not key=value")
-        raw = {k.strip(): v.strip() for k, _, v in pairs}
+def parse_distill_options(
+    raw: str | Mapping[str, Any] | DistillOptions | None,
+) -> DistillOptions:
+    """`steps=500,lr=1e-3` (the one `key=value` grammar) or a mapping -> DistillOptions."""
+    if isinstance(raw, DistillOptions):
+        return raw
     return parse_options(DistillOptions, raw or {}, "distill")
 
 
@@ -153,6 +147,7 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
         f"{opts.steps} steps, held-out loss {before:.4g}")
     started = time.perf_counter()
     module.train()
+    steps = Counter(opts.steps, "distill step")
     for step in range(1, opts.steps + 1):
         index = np.sort(rng.choice(fit.n, size=min(opts.batch, fit.n), replace=False))
         loss = loss_on({k: v[index] for k, v in fit.inputs.items()},
@@ -163,6 +158,8 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
         schedule.step()
         if step % max(opts.log_every, 1) == 0 or step == opts.steps:
             log(f"distill: step {step}/{opts.steps} loss {float(loss.detach()):.4g}")
+        steps.advance()
+    steps.close()
     after = held_out_loss()
     improved = after < before
     report.metrics.update({

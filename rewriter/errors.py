@@ -5,11 +5,14 @@ Messages name the file, node and op involved so a user can act on them without a
 
 from __future__ import annotations
 
+#: Exit codes of the `rewrite` command, defined once (the exception types below carry them).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+
 
 class OnexoneError(Exception):
     """Base class: a problem the user can fix (bad input, bad option); CLI exit code 1."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class ModelLoadError(OnexoneError):
@@ -31,13 +34,22 @@ class CalibrationError(OnexoneError):
 class UsageError(OnexoneError):
     """The command line or pipeline config is malformed; CLI exit code 2."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
+
+
+class OptionError(UsageError, PassError):
+    """An option is misspelt, mistyped or out of range (a pass's, distill's, preprocess's);
+    a usage error (exit 2), still caught by `except PassError` as before."""
+
+
+class MissingDependencyError(OnexoneError):
+    """An optional extra the run needs is not installed; the message names the pip command."""
 
 
 class QualityGateError(OnexoneError):
     """A quality gate (--max-drop, --min-cosine, --min-speedup) failed; CLI exit code 3."""
 
-    exit_code = 3
+    exit_code = EXIT_GATE
 
 
 class InternalCheckError(OnexoneError):

@@ -10,7 +10,6 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -265,25 +264,6 @@ def pointwise_conv_attrs(spatial: int) -> dict:
         "dilations": [1] * spatial,
         "group": 1,
     }
-
-
-# ------------------------------------------------------------------------------ analysis view
-
-
-def to_networkx(graph: ir.Graph) -> nx.DiGraph:
-    """A read-only DiGraph of node names (edges labelled with the value) for path queries.
-
-    Rebuilt on demand and never edited: onnx-ir stays the source of truth.
-    """
-    view = nx.DiGraph()
-    for node in graph:
-        view.add_node(node.name, op=node.op_type, node=node)
-    for node in graph:
-        for value in node.outputs:
-            for user in consumers(value):
-                if user.graph is graph:
-                    view.add_edge(node.name, user.name, value=value.name)
-    return view
 
 
 def nodes_by_op(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:

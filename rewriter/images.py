@@ -1,13 +1,14 @@
 """`--calib DIR`: a folder of images turned into model inputs with `--preprocess`.
 
-`--preprocess size=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,layout=NCHW,color=rgb`
-(list values may also use `|`). Pixels are scaled by `scale` (default 1/255), then
-`(x - mean) / std` per channel. `resize=stretch` (default) resizes to the size exactly;
-`resize=crop` scales the shorter side and takes the centre; `resize=letterbox` keeps the aspect
-and pads with grey 114 (YOLO's preprocessing). Without `size` the model's static H and W are
-used. Files are read in sorted order, so the same folder gives the same samples. A folder whose
-images sit in sub-folders is read as a labelled set (label = sub-folder index in sorted order,
-as torchvision's ImageFolder does), so accuracy can be measured.
+`--preprocess size=224,mean=0.485+0.456+0.406,std=0.229+0.224+0.225,layout=NCHW,color=rgb`
+(the one `key=value` grammar of `rewriter.options`; `PreprocessOptions` lists every key).
+Pixels are scaled by `scale` (default 1/255), then `(x - mean) / std` per channel.
+`resize=stretch` (default) resizes to the size exactly; `resize=crop` scales the shorter side
+and takes the centre; `resize=letterbox` keeps the aspect and pads with grey 114 (YOLO's
+preprocessing). Without `size` the model's static H and W are used. Files are read in sorted
+order, so the same folder gives the same samples. A folder whose images sit in sub-folders is
+read as a labelled set (label = sub-folder index in sorted order, as torchvision's ImageFolder
+does), so accuracy can be measured.
 
 `augment=flip+scale` multiplies the samples (every combination of a horizontal flip and a
 seeded scale jitter of ±`jitter`, default 0.25; `seed=` picks the draws). Augmented copies
@@ -22,15 +23,16 @@ Decoding uses Pillow when installed, else OpenCV (which rapidocr brings).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from rewriter.calibration import CalibrationSet
-from rewriter.errors import CalibrationError
+from rewriter.errors import CalibrationError, OptionError
+from rewriter.options import option, parse_options, parse_pairs
 
 if TYPE_CHECKING:
     from rewriter.calibration import InputSpec
@@ -59,58 +61,59 @@ class Preprocess:
     cache_mib: float = 256.0  # resized uint8 pixels kept between reads
 
 
-def parse_preprocess(text: str | None) -> Preprocess:
-    """`size=224,mean=0.5,0.5,0.5,...` -> Preprocess (values without `key=` continue a list)."""
-    items: dict[str, list[str]] = {}
-    key = None
-    for token in filter(None, (t.strip() for t in (text or "").split(","))):
-        name, sep, value = token.partition("=")
-        if sep:
-            key = name.strip().lower()
-            items[key] = [v for v in value.replace("/", "|").split("|") if v]
-        elif key is None:
-            raise CalibrationError(f"--preprocess {text!r}: {token!r} is not key=value")
-        else:
-            items[key].append(token)
-    p = Preprocess()
-    try:
-        for key, values in items.items():
+@dataclass
+class PreprocessOptions:
+    """`--preprocess` keys, in the one `key=value` grammar (`rewriter.options`)."""
+
+    size: list[int] = option([], "H+W, or one number for a square (default: the model's H, W)",
+                             ge=1)
+    mean: list[float] = option([0.0], "per-channel mean subtracted after scaling (r+g+b)",
+                               signed=True)
+    std: list[float] = option([1.0], "per-channel std divided by (r+g+b)", gt=0)
+    scale: float = option(1.0 / 255.0, "pixel scale applied first", gt=0)
+    layout: Literal["NCHW", "NHWC"] = option("NCHW", "channel layout of the model input")
+    color: Literal["rgb", "bgr", "gray"] = option("rgb", "channel order, or one gray channel")
+    resize: Literal["stretch", "crop", "letterbox"] = option(
+        "stretch", "stretch to the size, scale the shorter side and take the centre (crop), or "
+                   "keep the aspect and pad with grey 114 (letterbox, YOLO's preprocessing)"
+    )
+    limit: int | None = option(None, "read at most this many images", ge=1)
+    augment: list[str] = option([], "multiply the fitting samples: flip, scale or flip+scale")
+    jitter: float = option(0.25, "scale jitter: factors drawn from [1 - jitter, 1 + jitter]",
+                           ge=0, lt=1)
+    seed: int = option(0, "seed of the augmentation draws", ge=0)
+    cache: float = option(256.0, "MiB of resized uint8 pixels kept between reads", gt=0)
+
+
+def parse_preprocess(spec: str | Mapping[str, Any] | Preprocess | None) -> Preprocess:
+    """`size=224,mean=0.485+0.456+0.406,...` (or a mapping, e.g. TOML) -> Preprocess."""
+    if isinstance(spec, Preprocess):
+        return spec
+    raw = parse_pairs(spec, "preprocess") if spec is None or isinstance(spec, str) else spec
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key).lower()
+        if isinstance(value, str):
+            value = value.replace("/", "+")
             if key == "size":
-                dims = [int(v) for v in "|".join(values).replace("x", "|").split("|") if v]
-                p.size = (dims[0], dims[0]) if len(dims) == 1 else (dims[0], dims[1])
-            elif key in ("mean", "std"):
-                setattr(p, key, [float(v) for v in values])
-            elif key == "scale":
-                p.scale = float(values[0])
-            elif key == "layout" and values[0].upper() in ("NCHW", "NHWC"):
-                p.layout = values[0].upper()  # type: ignore[assignment]
-            elif key == "color" and values[0].lower() in ("rgb", "bgr", "gray"):
-                p.color = values[0].lower()  # type: ignore[assignment]
-            elif key == "resize" and values[0].lower() in RESIZE_MODES:
-                p.resize = values[0].lower()  # type: ignore[assignment]
-            elif key == "limit":
-                p.limit = int(values[0])
-            elif key == "augment":
-                p.augment = _parse_augment("+".join(values))
-            elif key == "jitter":
-                p.jitter = float(values[0])
-                if not 0 <= p.jitter < 1:
-                    raise ValueError(f"jitter={values[0]} must be in [0, 1)")
-            elif key == "seed":
-                p.seed = int(values[0])
-            elif key == "cache":
-                p.cache_mib = float(values[0])
-            else:
-                raise ValueError(
-                    f"unknown key or value {key}={'|'.join(values)} (keys: size, mean, std, scale, "
-                    "layout=NCHW|NHWC, color=rgb|bgr|gray, resize=stretch|crop|letterbox, limit, "
-                    "augment=flip+scale, jitter, seed, cache)"
-                )
-    except (ValueError, IndexError) as exc:
-        raise CalibrationError(f"--preprocess {text!r}: {exc}") from None
-    if any(s == 0 for s in p.std):
-        raise CalibrationError(f"--preprocess {text!r}: std must not be 0")
-    return p
+                value = value.replace("x", "+")
+            elif key == "layout":
+                value = value.upper()
+            elif key in ("color", "resize"):
+                value = value.lower()
+        if key == "size" and isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        values[key] = value
+    opts = parse_options(PreprocessOptions, values, "preprocess")
+    if len(opts.size) > 2:
+        raise OptionError(f"preprocess: size takes H+W or one number, got {len(opts.size)}")
+    try:
+        augment = _parse_augment("+".join(opts.augment))
+    except ValueError as exc:
+        raise OptionError(f"preprocess: {exc}") from None
+    size = None if not opts.size else (opts.size[0], opts.size[-1])
+    return Preprocess(size, opts.mean, opts.std, opts.scale, opts.layout, opts.color,
+                      opts.resize, opts.limit, augment, opts.jitter, opts.seed, opts.cache)
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[int] | None]:
@@ -128,7 +131,7 @@ def list_images(folder: Path) -> tuple[list[Path], list[int] | None]:
 
 
 def load_image_folder(
-    folder: str | Path, specs: Sequence[InputSpec], preprocess: str | None
+    folder: str | Path, specs: Sequence[InputSpec], preprocess: str | Mapping | None
 ) -> CalibrationSet:
     """The images of `folder` as samples of the model's single image input (read lazily,
     batch by batch; every file's header is checked here, before any work)."""
@@ -445,7 +448,7 @@ def _decoder():
         import cv2
     except ImportError:
         raise CalibrationError(
-            "--calib with an image folder needs Pillow or OpenCV: pip install pillow"
+            "calibration from an image folder needs Pillow: pip install 'onexone[images]'"
         ) from None
 
     def read_cv2(path: Path, color: str) -> np.ndarray:

@@ -17,14 +17,13 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from rewriter.atomic import commit_file, discard, stage_bytes, write_bytes_atomic
-from rewriter.errors import InternalCheckError
+from rewriter.atomic import commit_file, discard, stage_bytes
+from rewriter.errors import EXIT_GATE, EXIT_OK, InternalCheckError
 from rewriter.gates import evaluate_gates
 from rewriter.io import META_SOURCE, stage
+from rewriter.outputs import report_bytes, write_report
 from rewriter.pipeline import RewriteResult, rewrite
 from rewriter.render import print_run_report
-
-EXIT_OK, EXIT_GATE = 0, 3
 
 
 def default_output(model_path: str) -> Path:
@@ -43,8 +42,12 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
         result, shapes = _rewrite(model, shapes, args, console)
         report = result.report
         _refuse_discarded(result, args)
+        _refuse_unknown_shapes(result)
         if args.bench:
             from rewriter.bench import benchmark_models
+            from rewriter.progress import set_stage
+
+            set_stage("benchmark")
 
             report.latency = benchmark_models(
                 result.original,
@@ -156,6 +159,24 @@ def _cli_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: How a pass's skip reason starts when the node's shapes are not known.
+UNKNOWN_SHAPES = "unknown shapes"
+
+
+def _refuse_unknown_shapes(result: RewriteResult) -> None:
+    """A pass that applied nothing because shapes are unknown did not do its job: exit 1."""
+    from rewriter.errors import OnexoneError
+    from rewriter.shape_hint import shapes_needed
+
+    for p in result.report.passes:
+        blocked = [d for d in p.decisions if not d.applied and d.reason.startswith(UNKNOWN_SHAPES)]
+        if blocked and not p.n_applied:
+            what = f"pass '{p.name}' applied nothing"
+            raise OnexoneError(
+                shapes_needed(result.original, len(blocked), what) + "; nothing written"
+            )
+
+
 def _refuse_discarded(result: RewriteResult, args: argparse.Namespace) -> None:
     """A pass the numerical guard caught is a bug: write the reports, no model, exit 1."""
     if not result.discarded:
@@ -164,18 +185,6 @@ def _refuse_discarded(result: RewriteResult, args: argparse.Namespace) -> None:
         write_report(result.report, Path(path))
     more = f" (and {len(result.discarded) - 1} more)" if len(result.discarded) > 1 else ""
     raise InternalCheckError(f"{result.discarded[0]}{more}; nothing written")
-
-
-def write_report(report: Any, path: Path) -> None:
-    """JSON or Markdown by the file's extension, written atomically."""
-    write_bytes_atomic(path, report_bytes(report, path), label=f"--report {path}")
-
-
-def report_bytes(report: Any, path: Path) -> bytes:
-    """The report as the file `path` asks for: Markdown for `.md`, else JSON."""
-    if path.suffix.lower() == ".md":
-        return report.to_markdown().encode()
-    return (json.dumps(report.to_dict(), indent=2) + "\n").encode()
 
 
 def _peak_rss_mb() -> float:

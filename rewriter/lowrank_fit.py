@@ -21,6 +21,7 @@ from rewriter.activations import following_activation
 from rewriter.context import PassContext
 from rewriter.lowrank_methods import Factorization, Method, Rank, method_named, spectrum_key
 from rewriter.lowrank_select import ConvLayer
+from rewriter.progress import Counter
 
 #: Memory for the original model's sampled layer outputs held at once during refit.
 TARGET_BYTES = 512 * 2**20
@@ -90,6 +91,7 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
     nodes = list(model.graph)
     outputs = {id(v) for v in model.graph.outputs}
     emitted: dict[int, object] = {}
+    layers_done = Counter(len(chosen), "refit layer")
     for chunk in target_chunks(chosen, context, settings.max_positions):
         targets = capture_targets(original, chunk, context, settings.max_positions)
         by_index = {layer.index: layer for layer in chunk}
@@ -104,6 +106,8 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
             for m in members:
                 emitted[m.index] = emit(m, fitted[m.index])
                 del targets[m.index]
+            layers_done.advance(len(members))
+    layers_done.close()
     return emitted
 
 

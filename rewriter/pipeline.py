@@ -34,14 +34,20 @@ from rewriter.finite import new_nonfinite_tensors, nonfinite_outputs, within
 from rewriter.groups import OutputGroup, bind_groups, coerce_groups, format_groups
 from rewriter.io import META_SOURCE, load
 from rewriter.limits import check_memory, feed_bytes, sample_bytes
+from rewriter.options import format_pairs, parse_pairs
+from rewriter.progress import set_stage
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
+from rewriter.validate import check_run_arguments
 
 #: An "exact" pass may move outputs by float rounding only; more is a bug.
 EXACT_TOLERANCE = 1e-4
 #: An exact pass may move outputs by this many machine epsilons of the output dtype (matters
 #: for float16, whose epsilon is ~1e-3; float32 stays at EXACT_TOLERANCE).
 EXACT_ROUNDING_EPS = 8
+#: What `calib` and `evaluate` accept (see `rewrite`).
+CalibrationInput = Any
+
 #: Random samples used by the guard when no calibration data is given.
 GUARD_RANDOM_SAMPLES = 2
 
@@ -54,20 +60,14 @@ class PassSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        if not self.options:
-            return self.name
-        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options.items())
-        return f"{self.name}:{opts}"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "|".join(map(str, value))
-    return str(value)
+        return f"{self.name}:{format_pairs(self.options)}" if self.options else self.name
 
 
 def parse_pass_spec(text: str | PassSpec | tuple | Mapping) -> PassSpec:
-    """`bottleneck:ratio=0.25,init=whitened` -> PassSpec; lists use `|` (`exclude=a*|b*`)."""
+    """`bottleneck:ratio=0.25,init=whitened` -> PassSpec; lists use `+` (`exclude=a*+b*`).
+
+    The grammar is `rewriter.options` (shared with distill, preprocess and output groups).
+    """
     if isinstance(text, PassSpec):
         return text
     if isinstance(text, tuple):
@@ -81,14 +81,8 @@ def parse_pass_spec(text: str | PassSpec | tuple | Mapping) -> PassSpec:
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
-        raise UsageError(f"--pass {text!r}: missing pass name")
-    options: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--pass {text!r}: option {item!r} is not key=value")
-        options[key.strip()] = value.strip()
-    return PassSpec(name, options)
+        raise UsageError(f"pass {text!r}: missing pass name")
+    return PassSpec(name, dict(parse_pairs(rest, f"pass {text!r}")))
 
 
 @dataclass
@@ -111,15 +105,15 @@ def rewrite(
     model: ir.Model | str | os.PathLike,
     passes: Sequence[str | PassSpec | tuple | Mapping],
     *,
-    calib: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    calib: CalibrationInput | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    preprocess: str | None = None,
+    preprocess: str | Mapping[str, Any] | None = None,
     holdout: float = 0.25,
     seed: int = 0,
     guard: bool = True,
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
-    evaluate: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    evaluate: CalibrationInput | None = None,
     groups: str | Sequence[str | OutputGroup] | None = None,
     metric: Any = None,
     max_drop: float | None = None,
@@ -127,26 +121,68 @@ def rewrite(
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
-    `distill` (options such as `{"steps": 500, "lr": 1e-3}`, or `{}` for defaults) trains the
-    weights the passes created against the original's outputs afterwards (torch extra).
-    `evaluate` (same forms as `calib`, e.g. a labelled test set) is where fidelity is measured;
-    without it, the held-out part of the calibration data is used; when a step chooses on the
-    held-out part (target=auto, a fitted dense head, distillation), a third *report* split that
-    no choice saw is carved from the calibration data for the headline.
-    `groups` (`"output0:box=0-3+cls=4-13"` or a list of `OutputGroup`) overrides the automatic
-    output groups; `metric` (`"module:function"`, `"file.py:function"` or a callable taking a
-    model path) is evaluated on the original once and on the rewritten model, and drives
-    target=auto with `max_drop` as its limit; `min_samples` is the fewest held-out samples a
-    choice may be made on (default 16).
+    Every argument is checked before any data is read or a pass runs; a mistake raises
+    `UsageError` (an `OptionError` for a misspelt or out-of-range option) naming the argument.
+
+    Args:
+        model: an `onnx_ir.Model` (from `rewriter.load`) or a path to an `.onnx` file.
+        passes: each a string in the one `key=value` grammar, `"name"` or
+            `"name:key=value,key=value"`, with list values joined by `+`
+            (`"bottleneck:target=0.5,init=refit,exclude=head*+stem*"`); or a `PassSpec`, a
+            `(name, {options})` tuple, or a mapping `{"name": ..., **options}` whose values are
+            typed (`{"name": "bottleneck", "ratio": 0.25, "exclude": ["head*"]}`).
+            `rewrite --list-passes` shows every pass with its options and defaults.
+        calib: calibration samples, in any of these forms: a path to a `.npz` (input name ->
+            array, first axis = samples, optional `labels`), a `.npy` (single-input models), a
+            folder of images (see `preprocess`), the string `"random"` (synthetic: a smoke test,
+            never evidence of fidelity), a mapping `{input name: array}`, a `CalibrationSet`,
+            an iterator or generator of input dicts (`{name: array}` per batch or per sample),
+            or an onnxruntime `CalibrationDataReader` (its `get_next()` is read until None).
+            Iterators are consumed once, batch by batch.
+        input_shapes: fixed dims for analysis and benchmarks only (`{"x": (1, 3, 224, 224)}`);
+            dynamic dims are otherwise read off the calibration data. Never frozen in the model.
+        preprocess: for image folders, `"size=224,mean=0.485+0.456+0.406,std=..."` or a
+            mapping with the same keys (`rewriter.images.PreprocessOptions`).
+        holdout: share of calibration samples (in (0, 1)) held out to measure fidelity; the
+            rest fits the data-aware passes.
+        seed: seed (>= 0) for the split, random data and training; same seed, same bytes.
+        guard: after each pass, run the model on held-out (or a few random) inputs and discard
+            the pass's result when it moved the outputs beyond its own declared bound (an exact
+            pass: float rounding). Discarded passes are listed in `RewriteResult.discarded`.
+        log: called with progress messages (the API never prints).
+        distill: options such as `{"steps": 500, "lr": 1e-3}` or `"steps=500,lr=1e-3"` (or
+            `{}` for defaults): afterwards, train the weights the passes created against the
+            original's outputs (needs the `finetune` extra, torch).
+        evaluate: data to measure fidelity on (same forms as `calib`, e.g. a labelled test
+            set); without it, the held-out part of the calibration data is used.
+        groups: `"output0:box=0-3+cls=4-13"` (the same grammar) or a list of `OutputGroup`:
+            overrides the automatic output groups fidelity is judged by.
+        metric: `"module:function"`, `"file.py:function"` or a callable taking a model path;
+            evaluated on the original once and on the rewritten model, and drives
+            `target=auto` with `max_drop` as its limit.
+        max_drop: the largest drop of `metric` that `target=auto` may accept.
+        min_samples: the fewest held-out samples a choice may be made on (default 16).
+        When a step chooses on the held-out part (target=auto, a fitted dense head,
+        distillation), a third *report* split that no choice saw is carved from the
+        calibration data for the headline.
+
+    Returns:
+        A `RewriteResult`: the rewritten model (not yet saved; `rewriter.save(result, path)`
+        writes it and completes the report), the report, and the untouched original.
     """
     from rewriter.passes import get_pass
 
     log = log or (lambda message: None)
-    if not isinstance(model, ir.Model):
-        model = load(model)
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+    pass_options = [t.parse(s.options) for s, t in zip(specs, pass_types, strict=True)]
+    distill_options = _parse_distill(distill)
+    check_run_arguments(holdout=holdout, seed=seed)
+    if preprocess is not None:
+        from rewriter.images import parse_preprocess
+
+        parse_preprocess(preprocess)
     _check_last(specs, pass_types, distill is not None)
     given_groups = coerce_groups(groups)  # bad group text fails before any work
     loaded_metric = None
@@ -154,10 +190,12 @@ def rewrite(
         from rewriter.usermetric import load_metric
 
         loaded_metric = load_metric(metric)
+    if not isinstance(model, ir.Model):
+        model = load(model)
     context = PassContext(input_shapes=shapes, seed=seed, log=log, max_drop=max_drop)
     if min_samples is not None:
         context.min_samples = int(min_samples)
-    instances = [t(s.options, context) for s, t in zip(specs, pass_types, strict=True)]
+    instances = [t(o, context) for o, t in zip(pass_options, pass_types, strict=True)]
 
     data = None
     if calib is not None:
@@ -169,7 +207,7 @@ def rewrite(
     report.options = {
         "passes": [str(s) for s in specs],
         "calib": None
-        if calib is None or isinstance(calib, (Mapping, CalibrationSet))
+        if calib is None or not isinstance(calib, (str, os.PathLike))
         else str(calib),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "holdout": holdout,
@@ -178,6 +216,7 @@ def rewrite(
     report.warnings.extend(model.meta.get("onexone.warnings") or [])
     before = analysis_cost(model, shapes)
     report.macs_before, report.params_before = before.macs, before.params
+    report.macs_unknown_nodes = len(before.unknown)
 
     context.input_shapes = shapes
     report_split: CalibrationSet | None = None
@@ -219,7 +258,8 @@ def rewrite(
         log(f"metric {loaded_metric.spec}: evaluating the original")
         context.metric_baseline = loaded_metric.evaluate_model(original)
     discarded: list[str] = []
-    for spec, instance in zip(specs, instances, strict=True):
+    for number, (spec, instance) in enumerate(zip(specs, instances, strict=True), 1):
+        set_stage(f"pass {number}/{len(specs)} {spec.name}")
         log(f"pass {spec}")
         snapshot = model.clone() if guard else None  # tensors are shared
         context.before = snapshot  # run facts the pass may reuse instead of recomputing
@@ -243,8 +283,9 @@ def rewrite(
             log(f"pass {spec}: {exc}")
     context.before = context.reference = None
     final_outputs = original_outputs is not None and reference
-    if distill is not None:
-        report.passes.append(_distill(original, model, context, distill))
+    if distill_options is not None:
+        set_stage("distill")
+        report.passes.append(_distill(original, model, context, distill_options))
         _check_weights(model, "distillation")
         final_outputs = None
     _record_provenance(model, specs)
@@ -491,6 +532,18 @@ def _distill(
         step.metrics["fidelity_before"] = before
         step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout, groups)
     return step
+
+
+def _parse_distill(distill: Mapping[str, Any] | str | None) -> Any:
+    """Distillation options parsed before any work; torch checked the same way."""
+    if distill is None:
+        return None
+    from rewriter.distill import parse_distill_options
+    from rewriter.extras import require
+
+    parsed = parse_distill_options(distill)
+    require("torch", "finetune", "distillation")
+    return parsed
 
 
 def _record_provenance(model: ir.Model, specs: Sequence[PassSpec]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -27,7 +28,16 @@ def _shape(s: Any) -> str:
     return "x".join(map(str, s)) if s else "?"
 
 
+def print_inputs(inputs: list[dict], console: Console) -> None:
+    """The model's inputs, first: what the numbers below are computed for."""
+    for entry in inputs:
+        console.print(
+            f"input {entry['name']}: {entry['dtype']} [{', '.join(entry['shape'])}]", markup=False
+        )
+
+
 def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> None:
+    print_inputs(analysis.inputs, console)
     table = Table(title="Per-layer cost (largest first; * = bottleneck candidate at ratio 0.5)")
     for col in (
         "",
@@ -74,31 +84,33 @@ def print_analysis(analysis: Analysis, console: Console, limit: int = 40) -> Non
 
 
 def print_run_report(report: RunReport, console: Console, limit: int = 30) -> None:
+    """Per pass: the applied decisions first (up to `limit`), then skip counts per reason."""
     for p in report.passes:
         if not p.decisions:
             console.print(f"pass {p.name}: " + ("; ".join(p.notes) or "no candidates"))
             continue
-        table = Table(
-            title=f"pass {p.name}: {p.n_applied} applied, {len(p.decisions) - p.n_applied} skipped"
-        )
-        for col in ("node", "op", "decision", "reason", "MACs before", "MACs after"):
-            table.add_column(col)
-        for d in p.decisions[:limit]:
-            table.add_row(
-                d.node,
-                d.op,
-                "applied" if d.applied else "skipped",
-                d.reason,
-                human(d.macs_before),
-                human(d.macs_after),
-            )
-        console.print(table)
-        if len(p.decisions) > limit:
-            console.print(f"... {len(p.decisions) - limit} more decisions (see --report)")
+        applied = [d for d in p.decisions if d.applied]
+        skipped = [d for d in p.decisions if not d.applied]
+        title = f"pass {p.name}: {len(applied)} applied, {len(skipped)} skipped"
+        if applied:
+            table = Table(title=title)
+            for col in ("node", "op", "reason", "MACs before", "MACs after"):
+                table.add_column(col, justify="right" if col.startswith("MACs") else "left")
+            for d in applied[:limit]:
+                table.add_row(d.node, d.op, d.reason, human(d.macs_before), human(d.macs_after))
+            console.print(table)
+            if len(applied) > limit:
+                console.print(f"... {len(applied) - limit} more applied (see --report)")
+        else:
+            console.print(title)
+        for reason, count in skip_counts(skipped):
+            console.print(f"  skipped {count}: {reason}")
         for note in p.notes:
             console.print(f"  note: {note}")
-    console.print(_totals_line(report))
-    if report.fidelity:
+    console.print(totals_line(report))
+    if report.fidelity and report.fidelity.get("synthetic"):
+        console.print(f"[yellow]warning:[/yellow] {RANDOM_FIDELITY}")
+    elif report.fidelity:
         for line in fidelity_lines(report.fidelity):
             console.print(line)
     if report.metric:
@@ -112,15 +124,71 @@ def print_run_report(report: RunReport, console: Console, limit: int = 30) -> No
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
-def _totals_line(report: RunReport) -> str:
-    def pct(a: int, b: int) -> str:
-        return f"{(1 - b / a):+.1%}".replace("+", "-") if a else "n/a"
+#: Said instead of a fidelity headline when the calibration data was random.
+RANDOM_FIDELITY = (
+    "no fidelity shown: the calibration data is random, which proves nothing about the "
+    "rewritten model's quality (give real samples with --calib)"
+)
 
-    return (
+
+def skip_counts(skipped: list[Any]) -> list[tuple[str, int]]:
+    """(reason, count) for skipped decisions, most common first (numbers in a reason, such as
+    a node's own MACs, are kept: reasons are short and already grouped by kind)."""
+    counts: dict[str, int] = {}
+    for d in skipped:
+        counts[d.reason] = counts.get(d.reason, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def change(before: int | float, after: int | float) -> str:
+    """Signed relative change: 100 -> 80 is '-20.0%', 100 -> 105 is '+5.0%'."""
+    return f"{after / before - 1:+.1%}" if before else "n/a"
+
+
+def totals_line(report: RunReport) -> str:
+    unknown = report.macs_unknown_nodes
+    macs = (
         f"MACs {human(report.macs_before)} -> {human(report.macs_after)} "
-        f"({pct(report.macs_before, report.macs_after)}), params {human(report.params_before)} -> "
-        f"{human(report.params_after)} ({pct(report.params_before, report.params_after)})"
+        f"({change(report.macs_before, report.macs_after)})"
     )
+    if unknown:
+        macs = f"MACs unknown ({unknown} nodes have unknown shapes; give --input-shape)"
+    return (
+        f"{macs}, params {human(report.params_before)} -> {human(report.params_after)} "
+        f"({change(report.params_before, report.params_after)})"
+    )
+
+
+#: Output names that say "class scores" (a top-k headline is only meaningful for those).
+_SCORE_NAME = re.compile(r"logit|prob|score|class|cls|softmax|label", re.IGNORECASE)
+
+
+def _n_outputs(f: dict[str, Any]) -> int:
+    """How many outputs the model has (the per-output task table lists only some)."""
+    return len((f.get("whole_tensor") or {}).get("outputs") or f.get("outputs") or {})
+
+
+def score_outputs(f: dict[str, Any]) -> list[str]:
+    """Outputs whose top-k agreement may headline: class scores, not regression values.
+
+    The model's only output counts; else an output counts when its metrics or all its output
+    groups say `kind: score`, or (no kinds recorded) when its name says scores (`logits`,
+    `probs`, `cls`, ...).
+    """
+    outputs = f.get("outputs") or {}
+    with_topk = [n for n, m in outputs.items() if "top1_agreement" in m]
+    if _n_outputs(f) == 1:
+        return with_topk
+    kinds: dict[str, set[str]] = {}
+    for name, m in outputs.items():
+        if m.get("kind"):
+            kinds.setdefault(name, set()).add(m["kind"])
+    for g in (f.get("groups") or {}).values():
+        if isinstance(g, dict) and g.get("output") and g.get("kind"):
+            kinds.setdefault(g["output"], set()).add(g["kind"])
+    if kinds:
+        return [n for n in with_topk if kinds.get(n) == {"score"}]
+    return [n for n in with_topk if _SCORE_NAME.search(n)]
 
 
 def fidelity_lines(f: dict[str, Any]) -> list[str]:
@@ -132,8 +200,11 @@ def fidelity_lines(f: dict[str, Any]) -> list[str]:
     if worst:
         head += f": worst group {worst['group']}, {_group_numbers(worst)}"
     parts = [head]
-    if "top1_agreement" in f:
-        parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
+    scores = score_outputs(f)
+    if scores:
+        top1 = min(f["outputs"][n]["top1_agreement"] for n in scores)
+        which = "" if _n_outputs(f) == 1 else f" ({', '.join(scores)})"
+        parts.append(f"top-1 agreement {top1:.2%}{which}")
     if "accuracy_before" in f:
         parts.append(f"accuracy {f['accuracy_before']:.2%} -> {f['accuracy_after']:.2%}")
     lines = [", ".join(parts)]
@@ -172,10 +243,25 @@ def _latency_line(lat: dict[str, Any]) -> str:
     )
 
 
+def options_table(options: dict[str, Any]) -> list[str]:
+    """A pass's options as a Markdown table (values in the `key=value` grammar)."""
+    if not options:
+        return ["options: none"]
+    from rewriter.options import format_value
+
+    rows = ["| option | value |", "| --- | --- |"]
+    for key, value in options.items():
+        shown = "none" if value is None else format_value(value)
+        rows.append(f"| `{key.replace('_', '-')}` | `{shown}` |")
+    return rows
+
+
 def run_report_markdown(report: RunReport) -> str:
     """The report as Markdown (for `--report out.md` and CI summaries)."""
-    lines = [f"# onexone report: {report.model or 'model'}", "", _totals_line(report), ""]
-    if report.fidelity:
+    lines = [f"# onexone report: {report.model or 'model'}", "", totals_line(report), ""]
+    if report.fidelity and report.fidelity.get("synthetic"):
+        lines += [f"- warning: {RANDOM_FIDELITY}", ""]
+    elif report.fidelity:
         lines += [f"- {line.strip()}" for line in fidelity_lines(report.fidelity)] + [""]
     if report.metric:
         lines += [metric_line(report.metric), ""]
@@ -187,12 +273,12 @@ def run_report_markdown(report: RunReport) -> str:
             f"({gate.get('detail', '')})"
         )
     for p in report.passes:
-        lines += ["", f"## pass `{p.name}`", "", f"options: `{p.options}`", ""]
+        lines += ["", f"## pass `{p.name}`", "", *options_table(p.options), ""]
         lines += [
             "| node | op | decision | reason | MACs before | MACs after |",
             "| --- | --- | --- | --- | ---: | ---: |",
         ]
-        for d in p.decisions:
+        for d in sorted(p.decisions, key=lambda d: not d.applied):  # applied first
             lines.append(
                 f"| {d.node} | {d.op} | {'applied' if d.applied else 'skipped'} | "
                 f"{d.reason} | {d.macs_before if d.macs_before is not None else ''} | "

@@ -87,6 +87,8 @@ class RunReport:
     macs_after: int = 0
     params_before: int = 0
     params_after: int = 0
+    #: Nodes whose MACs are unknown (dynamic shapes): then the MAC totals are not the model's.
+    macs_unknown_nodes: int = 0
     file_size_before: int | None = None
     file_size_after: int | None = None
     fidelity: dict[str, Any] | None = None
@@ -111,6 +113,7 @@ class RunReport:
             "macs_after": int(self.macs_after),
             "params_before": int(self.params_before),
             "params_after": int(self.params_after),
+            "macs_unknown_nodes": int(self.macs_unknown_nodes),
             "file_size_before": self.file_size_before,
             "file_size_after": self.file_size_after,
             "passes": [p.to_dict() for p in self.passes],

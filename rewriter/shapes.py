@@ -135,6 +135,8 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
             raise ValueError(f"--input-shape {spec!r}: dims must be integers") from None
+        if any(d < 1 for d in shapes[name]):
+            raise ValueError(f"--input-shape {spec!r}: dims must be >= 1")
     return shapes
 
 

@@ -33,7 +33,7 @@ class PerturbPass(RewritePass):
 
     @dataclass
     class Options(PassOptions):
-        eps: float = option(0.01, "relative change of every Conv weight")
+        eps: float = option(0.01, "relative change of every Conv weight", signed=True)
         only: str = option("", "only Conv nodes whose name contains this (all when empty)")
 
     def apply(self, model: ir.Model) -> None:
