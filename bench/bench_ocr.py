@@ -28,7 +28,7 @@ import numpy as np
 
 from models.ocr_data import PAGE_SIZE, Page, eval_pages, save_det_calibration
 from rewriter import load
-from rewriter.analyze import analyze
+from rewriter.analysis import analyze
 from rewriter.bench import benchmark_models, machine_info
 from rewriter.io import save
 from rewriter.pipeline import rewrite

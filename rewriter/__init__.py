@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 #: Public names loaded on first access (PEP 562), so importing the package starts nothing heavy.
 _LAZY = {
-    "analyze": "rewriter.analyze",
+    "analyze": "rewriter.analysis",
     "load": "rewriter.io",
     "save": "rewriter.saving",
     "PassSpec": "rewriter.pipeline",
@@ -43,7 +43,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rewriter.analyze import analyze
+    from rewriter.analysis import analyze
     from rewriter.calibration import CalibrationSet
     from rewriter.io import load
     from rewriter.pipeline import PassSpec, RewriteResult, parse_pass_spec, rewrite

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
 def _analyze(model: Any, shapes: dict, args: argparse.Namespace, console: Console) -> int:
     """Per-layer table; never totals that leave unknown nodes out (shapes from --calib or
     --input-shape, else an error saying exactly what to add)."""
-    from rewriter.analyze import analyze
+    from rewriter.analysis import analyze
     from rewriter.outputs import write_text
     from rewriter.render import print_analysis, print_inputs
     from rewriter.shape_hint import model_inputs, shapes_needed

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from rewriter.analyze import Analysis
+    from rewriter.analysis import Analysis
     from rewriter.report import RunReport
 
 
