@@ -10,7 +10,6 @@ predicted, the worst layers are backed off one rank step at a time (`back_off`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -69,8 +68,10 @@ def measured_choices(layers: Sequence[ConvLayer], methods: Sequence[Method],
 
 
 def predicted_error(plan: Plan, errors: Mapping[tuple[int, Rank], float]) -> float:
-    """The model error the per-layer measurements predict (independent errors add in squares)."""
-    return math.sqrt(sum(errors[(i, rk)] ** 2 for i, rk in plan.ranks.items()))
+    """The model error the per-layer measurements predict: their sum (errors that add up
+    coherently; independent ones would add in squares, to less), so back-off reacts only to
+    layers that interact worse than additively."""
+    return float(sum(errors[(i, rk)] for i, rk in plan.ranks.items()))
 
 
 def back_off(plan: Plan, choices: Sequence[lowrank.LayerChoices],
