@@ -82,7 +82,8 @@ class PreprocessOptions:
     jitter: float = option(0.25, "scale jitter: factors drawn from [1 - jitter, 1 + jitter]",
                            ge=0, lt=1)
     seed: int = option(0, "seed of the augmentation draws", ge=0)
-    cache: float = option(256.0, "MiB of resized uint8 pixels kept between reads", gt=0)
+    cache: float = option(256.0, "MiB of resized uint8 pixels kept between reads (0: none)",
+                         ge=0)
 
 
 def parse_preprocess(spec: str | Mapping[str, Any] | Preprocess | None) -> Preprocess:
