@@ -8,7 +8,7 @@ from PIL import Image
 
 from rewriter import runtime
 from rewriter.calibration import InputSpec, load_calibration
-from rewriter.errors import CalibrationError
+from rewriter.errors import CalibrationError, OptionError
 from rewriter.images import ImageSamples, load_image_folder, parse_preprocess
 from tests.builders import conv_model
 
@@ -85,9 +85,10 @@ def test_samples_stream_batch_by_batch_with_a_bounded_cache(tmp_path):
 
 
 def test_bad_preprocess_and_broken_files_are_named_up_front(tmp_path):
-    with pytest.raises(CalibrationError, match="augment"):
+    # Bad keys or values are usage errors (exit 2), raised before any file is read.
+    with pytest.raises(OptionError, match="augment"):
         parse_preprocess("augment=rotate")
-    with pytest.raises(CalibrationError, match="jitter"):
+    with pytest.raises(OptionError, match="jitter"):
         parse_preprocess("jitter=1.5")
     folder = _folder(tmp_path, 2)
     (folder / "broken.png").write_bytes(b"not a png")
