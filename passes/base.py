@@ -47,6 +47,9 @@ class RewritePass(ir.passes.InPlacePass):
     Options: ClassVar[type[PassOptions]] = PassOptions
     #: True when the rewrite keeps outputs unchanged up to float rounding (checked by the guard).
     exact: ClassVar[bool] = False
+    #: True when nothing may follow this pass in a pipeline (its output is not our IR's kind of
+    #: graph to rewrite further, e.g. a QDQ int8 model).
+    runs_last: ClassVar[bool] = False
 
     def __init__(
         self,

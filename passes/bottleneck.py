@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.base import RewritePass, option
-from passes.lowrank_pass import LowRankOptions, Timing, run_lowrank
+from passes.lowrank_pass import LowRankOptions, Timing, measures_on_holdout, run_lowrank
 from rewriter.lowrank_methods import METHODS
 
 
@@ -66,7 +66,8 @@ class BottleneckPass(RewritePass):
     exact = False
 
     def chooses_on_holdout(self) -> bool:
-        return self.options.target == "auto"
+        opts: BottleneckOptions = self.options  # type: ignore[assignment]
+        return measures_on_holdout(opts, 3 if opts.method == "auto" else 1)
 
     def apply(self, model: ir.Model) -> None:
         opts: BottleneckOptions = self.options  # type: ignore[assignment]

@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage
         return int(exc.code or 0)
     console = make_console(stderr=args.json, quiet=args.quiet)
+    from rewriter.lastresort import quiet_libraries, sigterm_as_interrupt, unexpected_error
+
     try:
-        return run(args, parser, console)
+        with sigterm_as_interrupt(), quiet_libraries():
+            return run(args, parser, console)
     except OnexoneError as exc:
         print(f"rewrite: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -124,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except MemoryError:
         print("rewrite: error: out of memory; nothing written", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # last resort: one line, never a raw traceback
+        print(f"rewrite: error: {unexpected_error(exc)}", file=sys.stderr)
+        if os.environ.get("ONEXONE_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
         return EXIT_FAILURE
 
 
@@ -156,6 +166,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     from rewriter.io import load
 
     model = load(args.model)
+    from rewriter.paths import check_run_paths
+
+    check_run_paths(args, model)  # no output may replace an input, before any work
     if args.analyze:
         return _analyze(model, shapes, args, console)
     if not args.passes:
@@ -189,11 +202,10 @@ def _list_passes(console: Console) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic text write (flushed temp file in the same folder, then rename)."""
+    from rewriter.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode(), label=f"--report {path}")
 
 
 if __name__ == "__main__":

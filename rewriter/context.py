@@ -27,6 +27,10 @@ class PassContext:
     seed: int = 0
     batch_size: int = 32
     log: Callable[[str], None] = lambda message: None
+    #: Run facts the pipeline already has, so passes need not recompute them: the model as it
+    #: entered the current pass (a snapshot no one edits) and its outputs on `holdout.inputs`.
+    before: ir.Model | None = None
+    reference: dict[str, np.ndarray] | None = None
     #: Output groups fidelity is measured on (found from the original's outputs, or given).
     groups: list[OutputGroup] = field(default_factory=list)
     #: Fewest `holdout` samples a pass may choose on (`--min-samples`).
@@ -36,10 +40,6 @@ class PassContext:
     metric_baseline: Any = None
     #: Largest drop of the metric's primary value a choice may accept (`--max-drop`).
     max_drop: float | None = None
-    #: Run facts the pipeline already has, so passes need not recompute them: the model as it
-    #: entered the current pass (a snapshot no one edits) and its outputs on `holdout.inputs`.
-    before: ir.Model | None = None
-    reference: dict[str, np.ndarray] | None = None
 
     @property
     def has_data(self) -> bool:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from rewriter import lowrank, runtime, spatial_lowrank
+from rewriter.activations import following_activation
 from rewriter.context import PassContext
 from rewriter.lowrank_methods import Factorization, Method, Rank, method_named, spectrum_key
 from rewriter.lowrank_select import ConvLayer
@@ -26,6 +27,8 @@ TARGET_BYTES = 512 * 2**20
 #: Refitting the 1x1 too assembles (r·C)² normal equations from (C·K)² moments: only for
 #: layers where that costs at most this many multiply-adds.
 REDUCE_REFIT_LIMIT = 4e9
+#: Sampled output rows per layer a post-activation scale/shift is fitted on.
+POST_ACT_ROWS = 8192
 
 Spectra = dict[tuple[int, str], lowrank.Spectrum]
 
@@ -36,6 +39,9 @@ class FitSettings:
     ridge: float = lowrank.DEFAULT_RIDGE
     max_positions: int = 4096
     refit_reduce: int = 1
+    post_activation: bool = True  # refit: match the original after a lone SiLU/ReLU
+    #: per layer index, what its fit used and did (positions, post-activation errors)
+    details: dict[int, dict] = field(default_factory=dict)
 
 
 def spectra(original: ir.Model, layers: Sequence[ConvLayer], methods: Sequence[Method],
@@ -55,8 +61,12 @@ def spectra(original: ir.Model, layers: Sequence[ConvLayer], methods: Sequence[M
     for batch in context.capture(original, names, "fit"):
         for (index, _), stat in stats.items():
             stat.add(batch[by_index[index].input_name])
-    return {key: kinds[key[1]].spectrum(by_index[key[0]], stat.value(), settings.shrink)
-            for key, stat in stats.items()}
+    out = {key: kinds[key[1]].spectrum(by_index[key[0]], stat.value(), settings.shrink)
+           for key, stat in stats.items()}
+    for key, stat in stats.items():  # the channel mean serves bias correction
+        if isinstance(stat, lowrank.SecondMoment) and out[key].moment is not None:
+            out[key] = replace(out[key], mean=stat.mean())
+    return out
 
 
 def start_factors(layer: ConvLayer, spectra: Spectra, rank: Rank) -> Factorization:
@@ -78,6 +88,7 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
         return {layer.index: emit(layer, start_factors(layer, spectra, ranks[layer.index]))
                 for layer in chosen}
     nodes = list(model.graph)
+    outputs = {id(v) for v in model.graph.outputs}
     emitted: dict[int, object] = {}
     for chunk in target_chunks(chosen, context, settings.max_positions):
         targets = capture_targets(original, chunk, context, settings.max_positions)
@@ -86,8 +97,10 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
             members = [by_index[i] for i in group]
             context.log(f"low-rank: refit {', '.join(m.name for m in members)}")
             x_names = {m.index: nodes[m.index].inputs[0].name for m in members}
+            acts = {m.index: following_activation(nodes[m.index].outputs[0], outputs)
+                    for m in members} if settings.post_activation else {}
             fitted = refit_group(model, members, x_names, ranks, spectra, targets, context,
-                                 settings)
+                                 settings, acts)
             for m in members:
                 emitted[m.index] = emit(m, fitted[m.index])
                 del targets[m.index]
@@ -97,7 +110,8 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
 def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[int, str],
                 ranks: Mapping[int, Rank], spectra: Spectra,
                 targets: dict[int, lowrank.SampledTargets], context: PassContext,
-                settings: FitSettings) -> dict[int, Factorization]:
+                settings: FitSettings, activations: Mapping[int, str | None] | None = None
+                ) -> dict[int, Factorization]:
     """Least squares for each member's last conv on the rewritten model's activations (one
     session serves the first solve and the reduce alternations)."""
     session = runtime.make_session(runtime.with_outputs(model, sorted(set(x_names.values()))),
@@ -113,7 +127,11 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
                 accs[m.index].add_rows(x_batch[x_names[m.index]], targets[m.index].out_dims,
                                        positions, rows)
 
-    accs = {m.index: _refit_accumulator(m, start_factors(m, spectra, ranks[m.index]))
+    activations = activations or {}
+    keep = {m.index: POST_ACT_ROWS if activations.get(m.index)
+            and ranks[m.index].method != "spatial" else 0 for m in members}
+    accs = {m.index: _refit_accumulator(m, start_factors(m, spectra, ranks[m.index]),
+                                        keep[m.index])
             for m in members}
     feed(members, accs)
     factors = {i: acc.solve(settings.ridge) for i, acc in accs.items()}
@@ -131,7 +149,8 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
         for m in small:
             p, _ = lowrank.balance(reducers[m.index].solve(settings.ridge),
                                    np.zeros((ranks[m.index].r, 1)))
-            refits[m.index] = lowrank.RefitAccumulator(p, m.out_channels, m.window)
+            refits[m.index] = lowrank.RefitAccumulator(p, m.out_channels, m.window,
+                                                       keep_rows=keep[m.index])
         feed(small, refits)
         for m in small:
             accs[m.index] = refits[m.index]
@@ -144,13 +163,23 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
         else:
             moment = accs[m.index].equations.input_moment()
             out[m.index] = lowrank.restore_outputs(factors[m.index], r_out, moment)
+        details = settings.details.setdefault(m.index, {})
+        details.update(fit_samples=context.fit.n, fit_positions=accs[m.index].equations.rows)
+        if keep[m.index]:
+            patches, rows = accs[m.index].kept_rows()
+            fit, before, after = lowrank.post_activation_fit(out[m.index], patches, rows,
+                                                             activations[m.index])
+            out[m.index] = fit
+            details.update(activation=activations[m.index], post_act_rel_error_before=before,
+                           post_act_rel_error_after=after)
     return out
 
 
-def _refit_accumulator(layer: ConvLayer, start: Factorization):
+def _refit_accumulator(layer: ConvLayer, start: Factorization, keep_rows: int = 0):
     if isinstance(start, spatial_lowrank.SpatialFactors):
         return spatial_lowrank.SpatialRefit(start.vertical, layer.out_channels, layer.window)
-    return lowrank.RefitAccumulator(start.reduce, layer.out_channels, layer.window)
+    return lowrank.RefitAccumulator(start.reduce, layer.out_channels, layer.window,
+                                    keep_rows=keep_rows)
 
 
 def reduce_refit_cost(layer: ConvLayer, rank: int) -> float:

@@ -64,7 +64,9 @@ def layer_details(layer: ConvLayer, rank: Rank, spectra: Mapping, measured: Mapp
     """The per-layer numbers of a decision (estimated, measured, sensitivity, merge)."""
     spectrum = spectra[(layer.index, spectrum_key(rank))]
     details: dict = {"rank": rank.r, "channels": layer.channels,
-                     "estimated_rel_error": spectrum.relative_error(rank.r),
+                     "estimated_rel_error": (
+                         spectrum.relative_error(rank.r) if rank.r_out is None
+                         else spectrum.in_out_error(rank.r, rank.r_out, layer.out_channels)),
                      "kept_energy": float(spectrum.energy()[rank.r - 1])}
     if rank.method != "in":
         details["method"] = rank.method

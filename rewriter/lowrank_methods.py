@@ -12,7 +12,7 @@ factors at a rank. Planning, fitting and emission are written once over this int
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -84,8 +84,7 @@ class ChannelMethod:
         return lowrank.whitened_spectrum(layer.weight, sigma, shrink)
 
     def factors(self, layer: ConvLayer, spectrum: lowrank.Spectrum, rank: Rank) -> Factorization:
-        f = spectrum.factors(rank.r, layer.out_channels, layer.geometry.kernel, layer.bias)
-        return f if rank.r_out is None else lowrank.restore_outputs(f, rank.r_out)
+        return channel_factors(layer, spectrum, rank)
 
 
 class SpatialMethod:
@@ -127,6 +126,22 @@ class SpatialMethod:
 
     def factors(self, layer: ConvLayer, spectrum: lowrank.Spectrum, rank: Rank) -> Factorization:
         return spatial_lowrank.spatial_factors(spectrum, rank.r, layer.weight.shape, layer.bias)
+
+
+def channel_factors(layer: ConvLayer, spectrum: lowrank.Spectrum, rank: Rank) -> Factorization:
+    """`in` from the spectrum; `in-out` by Tucker-2 ALS under the input moment when there is
+    one; with the input mean, the bias that removes the mean output shift."""
+    if rank.r_out is not None and spectrum.moment is not None and lowrank.DEFAULT_ALS_ITERS:
+        f: Factorization = lowrank.tucker2_als(layer.weight, spectrum.moment, rank.r,
+                                               rank.r_out, layer.bias, alpha=0.0).tucker
+    else:
+        f = spectrum.factors(rank.r, layer.out_channels, layer.geometry.kernel, layer.bias)
+        f = f if rank.r_out is None else lowrank.restore_outputs(f, rank.r_out)
+    if spectrum.mean is None or not lowrank.BIAS_CORRECTION:
+        return f
+    full = (lowrank.tucker2_reconstruct(f) if isinstance(f, lowrank.Tucker2)
+            else lowrank.reconstruct(f))
+    return replace(f, bias=lowrank.corrected_bias(layer.weight, full, layer.bias, spectrum.mean))
 
 
 Method = ChannelMethod | SpatialMethod

@@ -54,7 +54,13 @@ class RankRule:
 
 def spectral_estimate(spectra: Mapping[tuple[int, str], lowrank.Spectrum]) -> Estimate:
     """The layer's relative error predicted by its (whitened) spectrum."""
-    return lambda layer, rank: spectra[(layer.index, spectrum_key(rank))].relative_error(rank.r)
+    def estimate(layer, rank) -> float:
+        spectrum = spectra[(layer.index, spectrum_key(rank))]
+        if rank.r_out is None:
+            return spectrum.relative_error(rank.r)
+        return spectrum.in_out_error(rank.r, rank.r_out, layer.out_channels)
+
+    return estimate
 
 
 def plan_by_rule(layers: Sequence[ConvLayer], method: Method,
