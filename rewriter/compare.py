@@ -44,7 +44,7 @@ def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-flip",
         type=float,
-        help="gate: max share of thresholded score decisions that flip (default 0.02 with "
+        help="gate: max share of thresholded score decisions that flip (default 0.04 with "
         "--min-cosine)",
     )
     p.add_argument(

@@ -21,7 +21,7 @@ min_samples = 16                # fewest held-out samples target=auto may choose
 [gates]
 max_drop = 0.01                 # with [metric]: max drop of its primary value
 min_cosine = 0.99
-max_flip = 0.02
+max_flip = 0.04
 min_speedup = 1.1
 keep_failed = false
 

@@ -13,9 +13,12 @@ reported as `decisions@T`.
     max(1 - cosine, rel_l2**2 / 2, FLIP_WEIGHT * max(flip@0.25, flip@0.5))
 
 (`rel_l2**2 / 2` equals `1 - cosine` for noise that keeps the norm, and also catches a scale
-drift cosine cannot see; `FLIP_WEIGHT` = 0.5 makes 2% flipped decisions weigh as much as a
+drift cosine cannot see; `FLIP_WEIGHT` = 0.25 makes 4% flipped decisions weigh as much as a
 cosine of 0.99). So `task_error <= 1 - min_cosine` reads: every group's cosine >= min_cosine,
-rel L2 <= sqrt(2 (1 - min_cosine)), and at most 2 (1 - min_cosine) of score decisions flip.
+rel L2 <= sqrt(2 (1 - min_cosine)), and at most 4 (1 - min_cosine) of score decisions flip.
+Calibrated on the trained digit detector (bottleneck refit on its test set): 4.5% flips at
+0.5 came with mAP@0.5 -0.2 points, 7% with -0.7, 17% with -1.8; so the default (4% at
+min-cosine 0.99) keeps well inside a 1-point mAP loss, and a rewrite flipping >= 5% fails.
 
 Also top-1/top-5 agreement when an output looks like class scores ([N, K] with K >= 2), and
 accuracy of both models when labels are known. Whole-tensor numbers are kept under
@@ -35,8 +38,8 @@ from rewriter.groups import OutputGroup, bind_groups, find_groups
 
 #: Score thresholds whose decisions are compared (`flip@0.25`, `flip@0.5`).
 FLIP_THRESHOLDS = (0.25, 0.5)
-#: Weight of the flip rate in `task_error` (2% flips ~ cosine 0.99).
-FLIP_WEIGHT = 0.5
+#: Weight of the flip rate in `task_error` (4% flips ~ cosine 0.99).
+FLIP_WEIGHT = 0.25
 #: task_error is capped here so a dead group (zero reference) stays finite in reports.
 MAX_TASK_ERROR = 2.0
 #: Below this many samples the terminal and report warn that the figures are thin evidence.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 #: Share of thresholded score decisions allowed to flip when a fidelity gate is asked for.
-DEFAULT_MAX_FLIP = 0.02
+DEFAULT_MAX_FLIP = 0.04
 
 
 def evaluate_gates(

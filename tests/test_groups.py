@@ -140,7 +140,7 @@ def test_lost_scores_dominate_task_error_while_whole_tensor_cosine_passes():
     assert fid["worst"]["group"] == "output0:score"
     assert fid["groups"]["output0:value"]["cosine"] == 1.0
     assert fid["flip@0.5"] >= 0.05
-    assert fid["task_error"] >= 0.025 > 1 - 0.99
+    assert fid["task_error"] >= 0.02 > 1 - 0.99
     assert task_error({"output0": ref}, {"output0": got}) == pytest.approx(fid["task_error"])
     assert fid["samples"] == 8 and fid["groups"]["output0:score"]["samples"] == 8
     assert fid["groups"]["output0:score"]["decisions@0.5"] > 0
