@@ -7,7 +7,8 @@ test scenes the held-out split, so test mAP measures digits the detector never s
 A scene is ``SIZE x SIZE`` RGB in [0, 1]: a background (a random crop of one of scikit-learn's
 sample photos, or smooth colour noise with a gradient), then 2-5 digits of 14-36 pixels, each
 bilinearly upscaled, alpha-blended in a colour that contrasts with what lies under it, placed
-without overlap. Boxes are tight around the digit's ink (upscaled intensity > 0.3).
+without overlap, then quantised to multiples of 1/255 (like a decoded 8-bit image). Boxes are
+tight around the digit's ink (upscaled intensity > 0.3).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
         image = _resize(rng.random((3, cells, cells), dtype=np.float32), size, size)
         ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
         gradient = rng.normal(0, 0.4) * ramp[None, :] + rng.normal(0, 0.4) * ramp[:, None]
-        image = image + gradient[None] + rng.normal(0, 0.04, image.shape).astype(np.float32)
+        image = image + gradient[None]
     contrast = rng.uniform(0.5, 1.1)
     image = (image - image.mean()) * contrast + rng.uniform(0.25, 0.75)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
@@ -135,7 +136,7 @@ def make_scenes(count: int, seed: int, split: str = "train", size: int = IMAGE_S
         images[i] = background(rng, size)
         for box in paste_digits(images[i], digits, labels, rng):
             rows.append((float(i), *box))
-        noise = rng.normal(0, rng.uniform(0.0, 0.03), images[i].shape).astype(np.float32)
-        images[i] = np.clip(images[i] + noise, 0.0, 1.0)
+        # Quantised like a decoded 8-bit image (and so the shipped npz files compress well).
+        images[i] = np.round(images[i] * 255.0) / 255.0
     gt = np.asarray(rows, dtype=np.float32).reshape(-1, 6)
     return Scenes(images, gt)

@@ -40,9 +40,9 @@ from models.zoo import count_macs
 
 SEED = 0
 OPSET = 17
-EPOCHS = 16
+EPOCHS = 20
 SCENES_PER_EPOCH = 1024
-BATCH = 32
+BATCH = 16
 CALIB_SIZE = 128
 TEST_SIZE = 200
 CALIB_SEED, TEST_SEED = 10_001, 20_002
@@ -273,11 +273,22 @@ def export_detector(model: DigitDetector, path: Path, example: np.ndarray) -> fl
         model, torch.from_numpy(example), path, opset=OPSET, input_names=("images",),
         output_names=("output0",), dynamic_axes=batch_axes(("images", "output0")),
     )
+    _fix_output_dims(path, [4 + NUM_CLASSES, int(model.head.anchors.shape[1])])
     onnx.checker.check_model(str(path), full_check=True)
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(example)).numpy()
     (actual,) = run_onnx(path, {"images": example})
     return max_relative_error(actual, expected)
+
+
+def _fix_output_dims(path: Path, dims: list[int]) -> None:
+    """Write the static feature and anchor dims the tracer left symbolic (as YOLOv8's export)."""
+    model = onnx.load(str(path))
+    shape = model.graph.output[0].type.tensor_type.shape
+    for dim, value in zip(shape.dim[1:], dims, strict=True):
+        dim.Clear()
+        dim.dim_value = value
+    onnx.save(model, str(path))
 
 
 def evaluate_onnx(path: Path, scenes: Scenes) -> dict[str, float]:
@@ -337,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--scenes-per-epoch", type=int, default=SCENES_PER_EPOCH)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--threads", type=int, default=2, help="fixed for reproducibility")
+    parser.add_argument("--threads", type=int, default=1, help="fixed for reproducibility")
     parser.add_argument("--checkpoint", type=Path, help="save trained weights here, or load "
                         "them from here (skipping training) if the file exists")
     args = parser.parse_args(argv)
@@ -347,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = DigitDetector()
     meta: dict = {"seed": args.seed, "epochs": args.epochs,
-                  "scenes_per_epoch": args.scenes_per_epoch, "batch": BATCH}
+                  "scenes_per_epoch": args.scenes_per_epoch, "batch": BATCH,
+                  "threads": args.threads}
     if args.checkpoint and args.checkpoint.exists():
         saved = torch.load(args.checkpoint)
         model.load_state_dict(saved["state"])

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.base import RewritePass, option
-from passes.lowrank_pass import LowRankOptions, Timing, run_lowrank
+from passes.lowrank_pass import LowRankOptions, Timing, measures_on_holdout, run_lowrank
 from rewriter.lowrank_methods import METHODS
 
 
@@ -64,6 +64,10 @@ class BottleneckPass(RewritePass):
     summary = "1x1 reduction before expensive kxk convs, factorized from the trained weights"
     Options = BottleneckOptions
     exact = False
+
+    def chooses_on_holdout(self) -> bool:
+        opts: BottleneckOptions = self.options  # type: ignore[assignment]
+        return measures_on_holdout(opts, 3 if opts.method == "auto" else 1)
 
     def apply(self, model: ir.Model) -> None:
         opts: BottleneckOptions = self.options  # type: ignore[assignment]

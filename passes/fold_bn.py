@@ -21,6 +21,7 @@ from rewriter.graph import (
     const_array,
     consumers,
     float_dtype_of,
+    make_node,
     replace_value,
     set_constant_input,
     single_consumer,
@@ -136,13 +137,20 @@ class FoldBatchNorm(RewritePass):
         new_bias = bias * affine.scale + affine.shift
         dtype = float_dtype_of(producer.inputs[1])
         base = producer.name or "folded"
-        set_constant_input(graph, producer, 1, folded.astype(dtype), namer, f"{base}_weight_bn")
+        home = producer.graph or graph  # the producer may sit outside the BN's If/Loop body
+        set_constant_input(home, producer, 1, folded.astype(dtype), namer, f"{base}_weight_bn")
         if len(producer.inputs) < 3:
             producer.resize_inputs(3)
-        set_constant_input(graph, producer, 2, new_bias.astype(dtype), namer, f"{base}_bias_bn")
+        set_constant_input(home, producer, 2, new_bias.astype(dtype), namer, f"{base}_bias_bn")
         if producer.op_type == "Gemm":
             producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        replace_value(bn.outputs[0], producer.outputs[0])
+        folded_out = producer.outputs[0]
+        if home is not graph:  # BN in a subgraph: an Identity there keeps the branch's output
+            identity = make_node("Identity", [folded_out], None, name=namer(f"{bn.name}_folded"),
+                                 namer=namer)
+            graph.insert_before(bn, identity)
+            folded_out = identity.outputs[0]
+        replace_value(bn.outputs[0], folded_out)
         graph.remove(bn, safe=True)
         after = node_cost(producer)
         self.report.applied(

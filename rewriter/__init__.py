@@ -20,6 +20,7 @@ from rewriter.errors import (
     OnexoneError,
     PassError,
     QualityGateError,
+    ResourceLimitError,
     UsageError,
 )
 from rewriter.io import load, save
@@ -34,6 +35,7 @@ __all__ = [
     "PassError",
     "PassSpec",
     "QualityGateError",
+    "ResourceLimitError",
     "RewriteResult",
     "UsageError",
     "__version__",

@@ -66,9 +66,11 @@ def ab_latency(
     """
     feed_a = _feed_for(session_a, feeds)
     feed_b = _feed_for(session_b, feeds)
-    for _ in range(max(warmup, 1)):  # at least one: the first run allocates
-        session_a.run(None, feed_a)
-        session_b.run(None, feed_b)
+    from rewriter.runtime import run_session
+
+    for _ in range(max(warmup, 1)):  # at least one: the first run allocates; bounded in time
+        run_session(session_a, None, feed_a)
+        run_session(session_b, None, feed_b)
     if repeats is None:
         pair = _time(session_a, feed_a) + _time(session_b, feed_b)
         repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, math.ceil(min_time_s / max(pair, 1e-6)))))

@@ -100,6 +100,7 @@ def load_calibration(
 
             data = load_image_folder(path, specs, preprocess)
         elif path.suffix == ".npz":
+            _check_npz_size(path, str(spec))
             try:
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
@@ -122,27 +123,80 @@ def load_calibration(
                 f"--calib {spec}: expected .npz, .npy, a folder of images, or 'random'"
             )
     _check_against_model(data, specs)
+    _check_values(data)
     return data
+
+
+def _check_npz_size(path: Path, label: str) -> None:
+    """Decompressed size from the zip headers, checked before anything is inflated (a 1 MB
+    file can hold a 1 GiB array of zeros)."""
+    import zipfile
+
+    from rewriter.limits import check_memory
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CalibrationError(f"--calib {label}: cannot read npz ({exc})") from None
+    # Loading, the dtype cast and the fit/held-out split each hold a copy.
+    check_memory(3 * total, f"--calib {label}: {total} bytes of arrays once decompressed "
+                 "(3 copies while loading and splitting)")
+
+
+def _check_values(data: CalibrationSet) -> None:
+    """Refuse NaN, inf and float32-overflowing values before any fit sees them."""
+    from rewriter.finite import MAX_ABS, bad_samples
+
+    for name, array in data.inputs.items():
+        bad = bad_samples(array)
+        if len(bad):
+            raise CalibrationError(
+                f"--calib {data.source}: input '{name}' has {len(bad)} of {len(array)} samples "
+                f"with NaN, inf or |value| > {MAX_ABS:g} (first: sample {int(bad[0])}); "
+                "fix or remove them"
+            )
+
+
+def _numeric(array: np.ndarray, what: str, source: str) -> np.ndarray:
+    """The array when it holds numbers (bool, int, float); strings and objects are refused."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise CalibrationError(
+            f"--calib {source}: {what} holds {array.dtype} values, not numbers"
+        )
+    return array
 
 
 def _from_mapping(
     arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str
 ) -> CalibrationSet:
     labels = arrays.pop("labels", None)
+    if labels is not None:
+        labels = _numeric(labels, "'labels'", source)
+        if labels.ndim != 1:
+            raise CalibrationError(
+                f"--calib {source}: 'labels' must hold one class index per sample (shape [N]), "
+                f"not shape {list(labels.shape)}"
+            )
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise CalibrationError(
             f"--calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
         )
-    inputs = {
-        s.name: np.ascontiguousarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs
-    }
+    inputs = {}
+    for s in specs:
+        array = _numeric(arrays[s.name], f"input '{s.name}'", source)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as inf, refused
+            inputs[s.name] = np.ascontiguousarray(array).astype(s.dtype, copy=False)
     return CalibrationSet(inputs, labels, source, synthetic=False)
 
 
 def _random(
     specs: list[InputSpec], input_shapes: Mapping[str, tuple[int, ...]], n: int, seed: int
 ) -> CalibrationSet:
+    from rewriter.limits import check_memory
+
     rng = np.random.default_rng(seed)
     inputs = {}
     for s in specs:
@@ -155,7 +209,14 @@ def _random(
                 f"--calib random: input '{s.name}' has dynamic dims {list(s.shape)}; "
                 f"give --input-shape {s.name}:..."
             )
-        sample = [n, *dims[1:]] if dims else [n]
+        if not dims:
+            raise CalibrationError(
+                f"--calib random: input '{s.name}' is a scalar (no sample axis); give data "
+                "in a .npz instead"
+            )
+        sample = [n, *dims[1:]]
+        check_memory(int(np.prod(sample, dtype=object)) * s.dtype.itemsize,
+                     f"--calib random: {n} samples of input '{s.name}' {sample}")
         if np.issubdtype(s.dtype, np.floating):
             inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
         else:

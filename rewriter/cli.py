@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, help="gate: max drop of accuracy / top-1 agreement")
     p.add_argument("--min-cosine", type=float, help="gate: min output cosine similarity")
     p.add_argument("--min-speedup", type=float, help="gate: min measured speedup (needs --bench)")
+    from rewriter.compare import add_fidelity_arguments
+
+    add_fidelity_arguments(p)  # --groups, --metric, --max-flip, --min-samples
     p.add_argument(
         "--keep-failed", action="store_true", help="write the model even if a gate fails"
     )
@@ -100,14 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # `rewrite compare A.onnx B.onnx --calib DATA`
+        from rewriter.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage
         return int(exc.code or 0)
     console = make_console(stderr=args.json, quiet=args.quiet)
+    from rewriter.lastresort import quiet_libraries, sigterm_as_interrupt, unexpected_error
+
     try:
-        return run(args, parser, console)
+        with sigterm_as_interrupt(), quiet_libraries():
+            return run(args, parser, console)
     except OnexoneError as exc:
         print(f"rewrite: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -116,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except MemoryError:
         print("rewrite: error: out of memory; nothing written", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # last resort: one line, never a raw traceback
+        print(f"rewrite: error: {unexpected_error(exc)}", file=sys.stderr)
+        if os.environ.get("ONEXONE_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
         return EXIT_FAILURE
 
 
@@ -148,6 +166,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     from rewriter.io import load
 
     model = load(args.model)
+    from rewriter.paths import check_run_paths
+
+    check_run_paths(args, model)  # no output may replace an input, before any work
     if args.analyze:
         return _analyze(model, shapes, args, console)
     if not args.passes:
@@ -181,11 +202,10 @@ def _list_passes(console: Console) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic text write (flushed temp file in the same folder, then rename)."""
+    from rewriter.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode(), label=f"--report {path}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
 from rewriter.calibration import CalibrationSet
+from rewriter.groups import OutputGroup
+
+#: Fewest held-out samples a choice such as target=auto is made on, unless lowered explicitly.
+DEFAULT_MIN_SAMPLES = 16
 
 
 @dataclass
@@ -26,6 +31,15 @@ class PassContext:
     #: entered the current pass (a snapshot no one edits) and its outputs on `holdout.inputs`.
     before: ir.Model | None = None
     reference: dict[str, np.ndarray] | None = None
+    #: Output groups fidelity is measured on (found from the original's outputs, or given).
+    groups: list[OutputGroup] = field(default_factory=list)
+    #: Fewest `holdout` samples a pass may choose on (`--min-samples`).
+    min_samples: int = DEFAULT_MIN_SAMPLES
+    #: The user's metric (`rewriter.usermetric.LoadedMetric`) and the original's value of it.
+    metric: Any = None
+    metric_baseline: Any = None
+    #: Largest drop of the metric's primary value a choice may accept (`--max-drop`).
+    max_drop: float | None = None
 
     @property
     def has_data(self) -> bool:

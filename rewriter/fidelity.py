@@ -26,6 +26,7 @@ its sample count. Random inputs make these a smoke test only; quality claims use
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,8 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     ref_norm = float(np.linalg.norm(ref))
     got_norm = float(np.linalg.norm(got))
     err_norm = float(np.linalg.norm(diff))
-    if ref_norm == 0 and got_norm == 0:
-        cosine = 1.0
+    if err_norm == 0:
+        cosine = 1.0  # identical: exactly 1, not 1 - 2e-16 from rounding the norms
     elif ref_norm == 0 or got_norm == 0:
         cosine = 0.0
     else:
@@ -246,3 +247,42 @@ def _samples(outputs: Mapping[str, np.ndarray]) -> int:
     for array in outputs.values():
         return int(len(array)) if np.ndim(array) else 1
     return 0
+
+
+#: Largest drop of a user metric's primary value `target=auto` accepts when none is given.
+DEFAULT_METRIC_DROP = 0.01
+
+
+@dataclass
+class Judgement:
+    """Whether a candidate model is good enough for a choice, and the numbers that said so."""
+
+    ok: bool
+    error: float
+    detail: str
+    metric: Any = None
+
+
+def judge_candidate(
+    trial: Any, reference: Mapping[str, np.ndarray], context: Any, min_cosine: float
+) -> Judgement:
+    """The criterion a choice (target=auto) applies to one trial model on the held-out split.
+
+    Without a user metric: `task_error <= 1 - min_cosine` over the run's output groups. With
+    one (`context.metric`): the drop of its primary value from the original's must be at most
+    `context.max_drop` (default `DEFAULT_METRIC_DROP`); the task error is still reported.
+    """
+    from rewriter import runtime
+
+    got = runtime.run_all(trial, context.holdout.inputs)
+    error = task_error(reference, got, context.groups)
+    if context.metric is not None and context.metric_baseline is not None:
+        value = context.metric.evaluate_model(trial)
+        base = context.metric_baseline
+        drop = base.primary - value.primary
+        limit = DEFAULT_METRIC_DROP if context.max_drop is None else context.max_drop
+        detail = (f"{base.primary_name} {value.primary:.4g} (drop {drop:.4g}, limit {limit:.4g}), "
+                  f"task error {error:.4g}")
+        return Judgement(drop <= limit, error, detail, value)
+    limit = 1.0 - min_cosine
+    return Judgement(error <= limit, error, f"task error {error:.4g} (limit {limit:.4g})")

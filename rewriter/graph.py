@@ -83,6 +83,7 @@ class Namer:
             else [model_or_graph, *(g for g in _subgraphs(model_or_graph))]
         )
         self._taken: set[str] = set()
+        self._next: dict[str, int] = {}
         for graph in graphs:
             self._taken.update(v.name for v in graph.inputs if v.name)
             self._taken.update(graph.initializers)
@@ -95,10 +96,14 @@ class Namer:
         """A name starting with `base` that no node or value of the model uses yet."""
         base = base or "onexone"
         name = base
-        for i in itertools.count(1):
+        # Resume each base's suffix search where it stopped last time: linear overall, where
+        # restarting at 1 made n names of one base cost n^2 lookups (20k nodes took minutes).
+        start = self._next.get(base, 1)
+        for i in itertools.count(start):
             if name not in self._taken:
                 break
             name = f"{base}_{i}"
+            self._next[base] = i + 1
         self._taken.add(name)
         return name
 
@@ -125,10 +130,36 @@ def make_node(
     num_outputs: int = 1,
 ) -> ir.Node:
     """A node whose outputs get unique names derived from the node's name."""
-    node = ir.node(op_type, inputs, attributes or {}, name=name, num_outputs=num_outputs)
+    node = ir.node(op_type, inputs, _typed(attributes or {}), name=name, num_outputs=num_outputs)
     for i, out in enumerate(node.outputs):
         out.name = namer(f"{name}_out{i}" if num_outputs > 1 else f"{name}_out")
     return node
+
+
+def _typed(attributes: dict) -> dict[str, ir.Attr]:
+    """Attributes as typed `ir.Attr`s: onnx-ir's own type inference runs runtime Protocol
+    checks per value (milliseconds each), which dominated passes adding thousands of nodes."""
+    typed: dict[str, ir.Attr] = {}
+    for key, value in attributes.items():
+        if isinstance(value, ir.Attr):
+            typed[key] = value
+        elif isinstance(value, int):  # bool too
+            typed[key] = ir.AttrInt64(key, int(value))
+        elif isinstance(value, float):
+            typed[key] = ir.AttrFloat32(key, value)
+        elif isinstance(value, str):
+            typed[key] = ir.AttrString(key, value)
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            typed[key] = ir.AttrInt64s(key, [int(v) for v in value])
+        elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, float) for v in value
+        ):
+            typed[key] = ir.AttrFloat32s(key, [float(v) for v in value])
+        else:
+            typed[key] = ir.convenience.convert_attribute(key, value)
+    return typed
 
 
 def set_constant_input(

@@ -307,7 +307,10 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
     if len(axes) > 1:
         raise UsageError(f"--groups: output '{name}' has groups on different axes")
     axis = mine[0].axis
-    assert axis is not None
+    if axis is None:  # a whole-output group (already bound): nothing to check or complete
+        if len(mine) > 1:
+            raise UsageError(f"--groups: output '{name}' has two whole-output groups")
+        return mine
     if axis >= array.ndim:
         raise UsageError(f"--groups: output '{name}' {list(array.shape)} has no axis {axis}")
     size = array.shape[axis]

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
         raise ModelLoadError(f"{label}: cannot read graph: {_first_line(exc)}") from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
+        _set_function_base_dir(model, base_dir)
     model.meta[META_SOURCE] = str(path) if path else None
     model.meta[META_DATA_FILES] = sorted(data_files)
     model.meta[META_WARNINGS] = []
@@ -76,6 +76,18 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
     if problem:
         raise ModelLoadError(f"{label}: {problem}")
     return model
+
+
+def _set_function_base_dir(model: ir.Model, base_dir: Path) -> None:
+    """onnx-ir sets the folder for the main graph only: a Constant's external data inside a
+    local function would otherwise be read relative to the working directory."""
+    for function in model.functions.values():
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(
+                    attr.value, ir.ExternalTensor
+                ):
+                    attr.value.base_dir = base_dir
 
 
 def _check_readable_file(path: Path, label: str) -> None:
@@ -123,18 +135,27 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 
 def _all_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
-    """Every tensor in the model with a label saying where it sits (initializer or node)."""
+    """Every tensor in the model with a label saying where it sits (initializer or node),
+    local functions included."""
     for graph in _all_graphs(proto.graph):
         for init in graph.initializer:
             yield f"initializer '{init.name}'", init
-        for node in graph.node:
+    nodes = [node for graph in _all_graphs(proto.graph) for node in graph.node]
+    for function in proto.functions:
+        nodes.extend(function.node)
+        for node in function.node:  # graphs inside function nodes (If/Loop bodies)
             for attr in node.attribute:
-                where = f"node '{node.name}' ({node.op_type}) attribute '{attr.name}'"
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield where, attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    for t in attr.tensors:
-                        yield where, t
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+                for sub in subs:
+                    nodes.extend(n for g in _all_graphs(sub) for n in g.node)
+    for node in nodes:
+        for attr in node.attribute:
+            where = f"node '{node.name}' ({node.op_type}) attribute '{attr.name}'"
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield where, attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield where, t
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> set[str]:
@@ -149,6 +170,9 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             raise ModelLoadError(
                 f"{label}: {where} uses external data; load the model from its file path"
             )
+        if "\x00" in location:
+            raise ModelLoadError(f"{label}: {where} external data location {location!r} "
+                                 "contains a NUL byte")
         if not location or os.path.isabs(location) or Path(location).drive:
             raise ModelLoadError(
                 f"{label}: {where} has an absolute or empty external data location {location!r}"
@@ -166,7 +190,9 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             )
         if not target.is_file():
             raise ModelLoadError(f"{label}: {where} external data file {location!r} is missing")
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        offset, length = _external_int(info, "offset", where, label), info.get("length")
+        if length is not None:
+            length = _external_int(info, "length", where, label)
         expected = _declared_nbytes(tensor)
         size = target.stat().st_size
         if length is not None and expected is not None and int(length) != expected:
@@ -182,6 +208,15 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
             )
         files.add(str(target))
     return files
+
+
+def _external_int(info: dict[str, str], key: str, where: str, label: str) -> int:
+    """An external-data `offset`/`length` entry as a non-negative integer, else a clear error."""
+    text = info.get(key, "") or "0"
+    if not (text.isascii() and text.isdigit()):
+        raise ModelLoadError(f"{label}: {where} external data {key} {text!r} is not a "
+                             "non-negative integer")
+    return int(text)
 
 
 def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -323,36 +358,151 @@ def _first_line(exc: BaseException) -> str:
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Validate the model on a temp file in the target folder, then rename it into place.
 
-    External data is used when the model came with it or is over the protobuf limit; the data
-    file is named after the output (`out.onnx.data`). Returns the absolute output path.
+    External data is used when the model came with it or is over the protobuf limit. Returns
+    the absolute output path.
     """
+    staged = stage(model, path, external_data=external_data)
+    try:
+        return staged.commit()
+    finally:
+        staged.discard()
+
+
+class StagedModel:
+    """A validated model (and data file) in a private temp folder beside its output, not yet
+    visible: `commit()` renames it into place, `discard()` removes it. Lets a caller write the
+    report and plot first, so a failure there leaves no model behind.
+
+    The data file is named by its content hash (`out.onnx.<hash8>.data`) and the model refers
+    to that name, so the pair replaces atomically as one unit: the data file is renamed in
+    first under a name no old model uses, then the model (the one atomic switch), then the
+    data files no model of this output refers to any more are removed. A kill at any point
+    leaves the old pair or the new pair, plus at most an orphan data file the next write of
+    this output removes. Writers of one output are serialised by a lock.
+    """
+
+    def __init__(self, model: ir.Model, out: Path, tmp_dir: Path, data_name: str | None) -> None:
+        self.out, self.tmp_dir, self.data_name = out, tmp_dir, data_name
+        self._model = model
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the output will take (model plus data file)."""
+        return sum(p.stat().st_size for p in self.tmp_dir.iterdir() if p.is_file())
+
+    def commit(self) -> Path:
+        from rewriter.atomic import fault_point, output_lock
+
+        model_mode, data_mode = _output_modes(self._model)
+        tmp_model = self.tmp_dir / self.out.name
+        try:
+            with output_lock(self.out):
+                if self.data_name:
+                    os.chmod(self.tmp_dir / self.data_name, data_mode)
+                    os.replace(self.tmp_dir / self.data_name, self.out.parent / self.data_name)
+                    fault_point("data-renamed")
+                os.chmod(tmp_model, model_mode)
+                os.replace(tmp_model, self.out)
+                fault_point("model-renamed")
+                self._remove_unused_data_files()
+                fault_point("committed")
+        except OSError as exc:
+            raise ModelSaveError(f"{self.out}: cannot write ({exc.strerror or exc})") from None
+        return self.out
+
+    def _remove_unused_data_files(self) -> None:
+        """Earlier data files of this output (hash-named, so ours), but never an input's."""
+        from rewriter.paths import is_data_file_of
+
+        protected = {os.path.realpath(p) for p in self._model.meta.get(META_DATA_FILES) or []}
+        legacy = f"{self.out.name}.data"
+        for entry in self.out.parent.iterdir():
+            name = entry.name
+            if name in (self.data_name, legacy) or not is_data_file_of(name, self.out.name):
+                continue
+            if os.path.realpath(entry) in protected:
+                continue
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def stage(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+          ) -> StagedModel:
+    """Serialize and validate `model` for `path` in a temp folder (see `StagedModel`)."""
+    from rewriter.atomic import make_temp_dir
+    from rewriter.finite import new_nonfinite_tensors
+
     out = Path(path).expanduser().absolute()
     _refuse_unsafe_target(model, out)
     problem = conv_weight_problem(model)
     if problem:
         raise ModelSaveError(f"{out}: rewritten model is invalid: {problem}")
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        raise ModelSaveError(f"{out}: refusing to save {bad[0][0]} with {bad[0][1]} NaN/inf "
+                             "values; nothing written")
     if external_data is None:
         external_data = _has_external_tensors(model) or _initializer_bytes(model) > PROTOBUF_LIMIT
-    data_name = f"{out.name}.data" if external_data else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onexone-", dir=out.parent))
+    try:
+        tmp_dir = make_temp_dir(out.parent)
+    except OSError as exc:
+        raise ModelSaveError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    staged = StagedModel(model, out, tmp_dir, None)
+    _list_initializers_as_inputs(model)
     try:
         tmp_model = tmp_dir / out.name
+        plain_data = f"{out.name}.data" if external_data else None
         try:
             with _no_initializer_value_info(model):
-                ir.save(model, tmp_model, external_data=data_name)
+                ir.save(model, tmp_model, external_data=plain_data)
         except Exception as exc:
             raise ModelSaveError(f"{out}: cannot serialize model: {_first_line(exc)}") from None
+        if plain_data and (tmp_dir / plain_data).exists():
+            if (tmp_dir / plain_data).stat().st_size == 0:  # every tensor small enough inline
+                (tmp_dir / plain_data).unlink()
+            else:
+                staged.data_name = _name_data_by_hash(tmp_model, plain_data)
         validate_file(tmp_model, label=str(out), custom_domains=_custom_domains(model))
-        mode = _output_mode(model)
-        if data_name:
-            os.chmod(tmp_dir / data_name, mode)
-            os.replace(tmp_dir / data_name, out.parent / data_name)
-        os.chmod(tmp_model, mode)
-        os.replace(tmp_model, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _list_initializers_as_inputs(model: ir.Model) -> None:
+    """IR version 3 requires every initializer to be a graph input too; a pass that added one
+    (deepen's identity weights) would otherwise make a valid IR-3 model invalid."""
+    if model.ir_version is None or model.ir_version >= 4:
+        return
+    graph = model.graph
+    listed = set(graph.inputs)
+    for value in graph.initializers.values():
+        if value not in listed:
+            graph.inputs.append(value)
+
+
+def _name_data_by_hash(tmp_model: Path, plain: str) -> str:
+    """Rename the staged data file to `<model>.<sha256[:8]>.data` and point the model at it."""
+    import hashlib
+
+    from rewriter.paths import data_file_name
+
+    digest = hashlib.sha256()
+    with open(tmp_model.parent / plain, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    name = data_file_name(tmp_model.name, digest.hexdigest())
+    os.replace(tmp_model.parent / plain, tmp_model.parent / name)
+    proto = onnx.load(str(tmp_model), load_external_data=False)
+    for _, tensor in _all_tensor_protos(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == plain:
+                entry.value = name
+    tmp_model.write_bytes(proto.SerializeToString())
+    return name
 
 
 @contextlib.contextmanager
@@ -391,7 +541,7 @@ def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = N
     import onnxruntime as ort  # local: keeps `import rewriter` light
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as our one line, not ORT's log
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -408,28 +558,38 @@ def validate_file(path: Path, *, label: str, custom_domains: set[str] | None = N
 
 
 def _refuse_unsafe_target(model: ir.Model, out: Path) -> None:
-    if out.is_dir():
-        raise ModelSaveError(f"{out}: output path is a directory")
+    from rewriter.paths import output_problem
+
+    problem = output_problem(out)
+    if problem:
+        raise ModelSaveError(f"{out}: output path {problem}")
     protected = {model.meta.get(META_SOURCE)} | set(model.meta.get(META_DATA_FILES) or [])
     protected.discard(None)
-    candidates = {out, out.parent / f"{out.name}.data"}
-    for candidate in candidates:
-        resolved = candidate.resolve()
-        for p in protected:
-            if resolved == Path(p).resolve():
-                raise ModelSaveError(
-                    f"{out}: refusing to overwrite the input model or its data file ({p})"
-                )
+    from rewriter.paths import is_data_file_of
+
+    for p in protected:
+        target = Path(p).resolve()
+        if out.resolve() == target or (
+            target.parent == out.resolve().parent and is_data_file_of(target.name, out.name)
+        ):
+            raise ModelSaveError(
+                f"{out}: refusing to overwrite the input model or its data file ({p})"
+            )
 
 
-def _output_mode(model: ir.Model) -> int:
-    """The input's permission bits when known (never wider), else the umask default."""
-    source = model.meta.get(META_SOURCE)
-    if source and os.path.exists(source):
-        return os.stat(source).st_mode & 0o777
+def _output_modes(model: ir.Model) -> tuple[int, int]:
+    """(model, data file) permission bits: the input's when known (never wider: the data file
+    also keeps its own input's restrictions), else the umask default."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    default = 0o666 & ~umask
+    source = model.meta.get(META_SOURCE)
+    model_mode = os.stat(source).st_mode & 0o777 if source and os.path.exists(source) else default
+    data_mode = model_mode
+    for data in model.meta.get(META_DATA_FILES) or []:
+        if os.path.exists(data):
+            data_mode &= os.stat(data).st_mode & 0o777
+    return model_mode, data_mode
 
 
 def _has_external_tensors(model: ir.Model) -> bool:

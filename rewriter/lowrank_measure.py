@@ -77,7 +77,7 @@ def layer_details(layer: ConvLayer, rank: Rank, spectra: Mapping, measured: Mapp
     if layer.index in measured:
         details["measured_rel_error"] = measured[layer.index]
     if layer.index in sensitivity:
-        details["sensitivity_rel_error"] = sensitivity[layer.index]
+        details["sensitivity_task_error"] = sensitivity[layer.index]
     return details
 
 
@@ -86,8 +86,8 @@ def plan_line(rank: Rank, details: dict) -> str:
     parts = [str(rank), f"est. err {details['estimated_rel_error']:.3f}"]
     if "measured_rel_error" in details:
         parts.append(f"measured {details['measured_rel_error']:.3f}")
-    if "sensitivity_rel_error" in details:
-        parts.append(f"sensitivity {details['sensitivity_rel_error']:.3f}")
+    if "sensitivity_task_error" in details:
+        parts.append(f"sensitivity {details['sensitivity_task_error']:.3f}")
     if "task_error" in details:
         parts.append(f"task error {details['task_error']:.4f}")
     if "merged_into" in details:

@@ -62,14 +62,16 @@ def single_layer_errors(original: ir.Model, layers: Sequence[ConvLayer],
                         factors: Callable[[ConvLayer, Rank], Factorization],
                         inputs: Mapping[str, np.ndarray], reference: Outputs, emit: EmitFn,
                         init: str, metric: Callable[[Outputs, Outputs], float] = model_error,
-                        log: Callable[[str], None] = lambda m: None) -> dict[tuple[int, Rank],
-                                                                           float]:
-    """Per (layer index, rank): the model error with only that layer rewritten (cached)."""
+                        metric_key: str = "", log: Callable[[str], None] = lambda m: None
+                        ) -> dict[tuple[int, Rank], float]:
+    """Per (layer index, rank): the model error with only that layer rewritten (cached;
+    `metric_key` names what the metric depends on besides its code, e.g. the output groups)."""
     model_key = fingerprint(original, inputs)
     out: dict[tuple[int, Rank], float] = {}
     for layer in layers:
         for rank in grid.get(layer.index, ()):
-            key = (model_key, layer.index, layer.name, rank, init, metric.__qualname__)
+            key = (model_key, layer.index, layer.name, rank, init, metric.__qualname__,
+                   metric_key)
             if key not in _CACHE:
                 got = rewritten_outputs(original, [(layer, factors(layer, rank))], inputs, emit)
                 _CACHE[key] = metric(reference, got)

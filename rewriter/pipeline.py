@@ -23,9 +23,17 @@ from rewriter.calibration import (
 )
 from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
-from rewriter.errors import InternalCheckError, UsageError
-from rewriter.fidelity import output_fidelity, summarize
+from rewriter.errors import InternalCheckError, ResourceLimitError, UsageError
+from rewriter.evidence import (
+    few_samples_warning,
+    narrow_calibration_warnings,
+    split_for_choices,
+)
+from rewriter.fidelity import task_fidelity
+from rewriter.finite import new_nonfinite_tensors, nonfinite_outputs, within
+from rewriter.groups import OutputGroup, bind_groups, coerce_groups, format_groups
 from rewriter.io import META_SOURCE, load
+from rewriter.limits import check_memory, feed_bytes, sample_bytes
 from rewriter.report import PassReport, RunReport
 from rewriter.shapes import with_input_shapes
 
@@ -112,13 +120,24 @@ def rewrite(
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
     evaluate: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    groups: str | Sequence[str | OutputGroup] | None = None,
+    metric: Any = None,
+    max_drop: float | None = None,
+    min_samples: int | None = None,
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
     `distill` (options such as `{"steps": 500, "lr": 1e-3}`, or `{}` for defaults) trains the
     weights the passes created against the original's outputs afterwards (torch extra).
     `evaluate` (same forms as `calib`, e.g. a labelled test set) is where fidelity is measured;
-    without it, the held-out part of the calibration data is used.
+    without it, the held-out part of the calibration data is used; when a step chooses on the
+    held-out part (target=auto, a fitted dense head, distillation), a third *report* split that
+    no choice saw is carved from the calibration data for the headline.
+    `groups` (`"output0:box=0-3+cls=4-13"` or a list of `OutputGroup`) overrides the automatic
+    output groups; `metric` (`"module:function"`, `"file.py:function"` or a callable taking a
+    model path) is evaluated on the original once and on the rewritten model, and drives
+    target=auto with `max_drop` as its limit; `min_samples` is the fewest held-out samples a
+    choice may be made on (default 16).
     """
     from passes import get_pass
 
@@ -128,6 +147,17 @@ def rewrite(
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+    _check_last(specs, pass_types, distill is not None)
+    given_groups = coerce_groups(groups)  # bad group text fails before any work
+    loaded_metric = None
+    if metric is not None:
+        from rewriter.usermetric import load_metric
+
+        loaded_metric = load_metric(metric)
+    context = PassContext(input_shapes=shapes, seed=seed, log=log, max_drop=max_drop)
+    if min_samples is not None:
+        context.min_samples = int(min_samples)
+    instances = [t(s.options, context) for s, t in zip(specs, pass_types, strict=True)]
 
     data = None
     if calib is not None:
@@ -149,27 +179,49 @@ def rewrite(
     before = analysis_cost(model, shapes)
     report.macs_before, report.params_before = before.macs, before.params
 
-    context = PassContext(input_shapes=shapes, seed=seed, log=log)
+    context.input_shapes = shapes
+    report_split: CalibrationSet | None = None
+    chooses = distill is not None or any(p.chooses_on_holdout() for p in instances)
     if data is not None:
         context.fit, context.holdout = data.split(holdout, seed)
+        if chooses and evaluate is None and data.n >= 3:
+            context.fit, context.holdout, report_split = split_for_choices(data, holdout, seed)
         if data.synthetic:
             report.warnings.append(
                 "calibration data is random: data-aware results mean little, "
                 "fidelity is a smoke test"
             )
-        log(
-            f"calibration: {data.n} samples from {data.source} "
-            f"({context.fit.n} fit, {context.holdout.n} held out)"
-        )
+        parts = f"{context.fit.n} fit, {context.holdout.n} held out"
+        if report_split is not None:
+            parts = f"{context.fit.n} fit, {context.holdout.n} select, {report_split.n} report"
+        log(f"calibration: {data.n} samples from {data.source} ({parts})")
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
+    if guard and guard_inputs is None:
+        report.warnings.append(
+            "numerical guard off: an input has dynamic dims or is not numeric; give "
+            "--input-shape NAME:D1,... "
+            "or --calib so each pass is checked in onnxruntime"
+        )
     reference = _guard_reference(model, guard_inputs, report)
     original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
+    if reference is not None:
+        context.groups = bind_groups(given_groups, reference)
+        report.options["groups"] = format_groups(context.groups) or None
+        log("output groups: " + "; ".join(g.describe() for g in context.groups))
+    else:
+        context.groups = list(given_groups)
+    if data is not None:
+        held_reference = reference if context.holdout is not None else None
+        report.warnings.extend(narrow_calibration_warnings(data, held_reference, seed))
+    if loaded_metric is not None:
+        context.metric = loaded_metric
+        log(f"metric {loaded_metric.spec}: evaluating the original")
+        context.metric_baseline = loaded_metric.evaluate_model(original)
     discarded: list[str] = []
-    for spec, pass_type in zip(specs, pass_types, strict=True):
+    for spec, instance in zip(specs, instances, strict=True):
         log(f"pass {spec}")
-        instance = pass_type(spec.options, context)
-        snapshot = model.clone() if reference is not None else None  # tensors are shared
+        snapshot = model.clone() if guard else None  # tensors are shared
         context.before = snapshot  # run facts the pass may reuse instead of recomputing
         context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
@@ -177,7 +229,11 @@ def rewrite(
         if snapshot is None or not instance.report.n_applied:
             continue
         try:
-            reference = _check_pass(model, instance.report, reference, guard_inputs)
+            _check_weights(model, f"pass '{spec.name}'")
+            if reference is not None:
+                reference = _check_pass(
+                    model, instance.report, reference, guard_inputs, context.groups
+                )
         except InternalCheckError as exc:
             _restore(model, snapshot)
             instance.report.metrics["discarded"] = True
@@ -189,6 +245,7 @@ def rewrite(
     final_outputs = original_outputs is not None and reference
     if distill is not None:
         report.passes.append(_distill(original, model, context, distill))
+        _check_weights(model, "distillation")
         final_outputs = None
     _record_provenance(model, specs)
 
@@ -196,13 +253,45 @@ def rewrite(
     report.macs_after, report.params_after = after.macs, after.params
     if evaluate is not None and report.passes:
         eval_data = load_calibration(evaluate, model, input_shapes=shapes, seed=seed)
-        report.fidelity = measure_fidelity(original, model, eval_data)
-        report.fidelity["dataset"] = eval_data.source
+        report.fidelity = measure_fidelity(original, model, eval_data, context.groups)
+        report.fidelity.update(dataset=eval_data.source, split="eval")
+    elif report_split is not None and report.passes:
+        report.fidelity = measure_fidelity(original, model, report_split, context.groups)
+        report.fidelity.update(
+            dataset="report split of the calibration data (no choice saw it)", split="report"
+        )
     elif context.holdout is not None and report.passes:
-        report.fidelity = measure_fidelity(original, model, context.holdout,
+        report.fidelity = measure_fidelity(original, model, context.holdout, context.groups,
                                            original_outputs, final_outputs or None)
-        report.fidelity["dataset"] = "held-out calibration samples"
+        report.fidelity.update(dataset="held-out calibration samples", split="holdout")
+        if chooses:
+            report.warnings.append(
+                "a step chose on the held-out samples the fidelity was measured on: the "
+                "figures are optimistic (give --eval data)"
+            )
+    if report.fidelity is not None:
+        warning = few_samples_warning(report.fidelity.get("samples"), report.fidelity["dataset"])
+        if warning:
+            report.warnings.append(warning)
+    if loaded_metric is not None and context.metric_baseline is not None:
+        from rewriter.usermetric import metric_summary
+
+        after = loaded_metric.evaluate_model(model) if report.passes else None
+        report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
+
+
+def _check_last(specs: Sequence[PassSpec], pass_types: Sequence[type], distill: bool) -> None:
+    """A pass that must run last (quantize) refuses a pass or distillation after it."""
+    for i, pass_type in enumerate(pass_types):
+        if not getattr(pass_type, "runs_last", False):
+            continue
+        if i + 1 < len(specs):
+            raise UsageError(f"pass '{specs[i].name}' must run last: '{specs[i + 1].name}' "
+                             f"follows it (put {specs[i].name} at the end of the pipeline)")
+        if distill:
+            raise UsageError(f"pass '{specs[i].name}' must run last: distillation cannot "
+                             "follow it (drop --distill or the quantize pass)")
 
 
 def analysis_cost(
@@ -216,14 +305,28 @@ def measure_fidelity(
     original: ir.Model,
     rewritten: ir.Model,
     data: CalibrationSet,
+    groups: Sequence[OutputGroup] | None = None,
     reference: Mapping[str, np.ndarray] | None = None,
     candidate: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples);
+    """Per-group fidelity of `rewritten` against `original` on `data` (held-out samples);
     outputs the run already computed on `data` may be passed instead of recomputed."""
     ref = reference if reference is not None else runtime.run_all(original, data.inputs)
     got = candidate if candidate is not None else runtime.run_all(rewritten, data.inputs)
-    result = output_fidelity(ref, got, data.labels)
+    bad = nonfinite_outputs(ref, got)
+    if bad:
+        name, count = bad[0]
+        raise InternalCheckError(
+            f"the rewritten model's output '{name}' has {count} NaN/inf values on {data.source} "
+            "where the input model's are finite; nothing written"
+        )
+    numeric = [name for name, array in ref.items() if _is_numeric(array)]
+    for name in set(ref) - set(numeric):
+        if not np.array_equal(ref[name], got[name]):
+            raise InternalCheckError(f"the rewritten model changed non-numeric output '{name}' "
+                                     f"on {data.source}; nothing written")
+    result = task_fidelity(_finite_view({k: ref[k] for k in numeric}),
+                           _finite_view({k: got[k] for k in numeric}, ref), groups, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
@@ -240,16 +343,27 @@ def _guard_inputs(
     if context.holdout is not None:
         return context.holdout.inputs
     rng = np.random.default_rng(seed + 1)
-    feeds = {}
+    wanted = {}
     for s in model_input_specs(model):
         dims = list(shapes.get(s.name) or s.shape)
         if dims and dims[0] is None:
             dims[0] = 1
-        if any(d is None for d in dims) or not np.issubdtype(s.dtype, np.floating):
+        if any(d is None for d in dims) or s.dtype.kind not in "biuf":
             return None
-        dims = [GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims
-        feeds[s.name] = rng.standard_normal(dims).astype(s.dtype)
-    return feeds
+        wanted[s.name] = ([GUARD_RANDOM_SAMPLES, *dims[1:]] if dims else dims, s.dtype)
+    check_memory(
+        feed_bytes({k: d for k, (d, _) in wanted.items()}, {k: t for k, (_, t) in wanted.items()})
+        + GUARD_RANDOM_SAMPLES * sample_bytes(model),
+        f"the numerical guard's {GUARD_RANDOM_SAMPLES} random samples",
+    )
+    return {k: _random_feed(rng, d, t) for k, (d, t) in wanted.items()}
+
+
+def _random_feed(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> np.ndarray:
+    """Normal floats; 0/1 for integer and bool inputs (valid as indices, masks and flags)."""
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(dims, dtype=np.float32).astype(dtype)
+    return rng.integers(0, 2, dims).astype(dtype)
 
 
 def _guard_reference(
@@ -260,6 +374,8 @@ def _guard_reference(
         return None
     try:
         return runtime.run_all(model, inputs)
+    except ResourceLimitError:
+        raise
     except Exception as exc:  # custom ops onnxruntime lacks, or inputs it rejects
         message = " ".join(str(exc).split())[:300]
         report.warnings.append(f"numerical guard off: the input model does not run ({message})")
@@ -288,34 +404,75 @@ def _check_pass(
     report: PassReport,
     reference: dict[str, np.ndarray],
     inputs: dict[str, np.ndarray],
+    groups: Sequence[OutputGroup] = (),
 ) -> dict[str, np.ndarray]:
-    """Fail loudly when a pass moved outputs beyond its own declared bound."""
+    """Fail loudly when a pass moved any output group beyond its own declared bound."""
     try:
         outputs = runtime.run_all(model, inputs)
+    except ResourceLimitError:
+        raise
     except Exception as exc:  # session creation raises OnexoneError, a failed run ORT's own
         message = " ".join(str(exc).split())[:300]
         raise InternalCheckError(
             f"pass '{report.name}' produced a model onnxruntime cannot run: {message}"
         ) from None
+
     bound = exact_tolerance(reference.values()) if report.exact else report.error_bound
-    per_output = {}
     for name, ref in reference.items():
         got = outputs[name]
         if ref.shape != got.shape:
             raise InternalCheckError(
                 f"pass '{report.name}' changed output '{name}' shape {ref.shape} -> {got.shape}"
             )
-        from rewriter.fidelity import compare_arrays
-
-        per_output[name] = compare_arrays(ref, got)
-    worst = summarize(per_output)
-    report.metrics["guard_rel_l2"] = worst.get("rel_l2")
-    if bound is not None and worst.get("rel_l2", 0.0) > bound:
+        if not _is_numeric(ref):  # strings, ...: a rewrite must leave them exactly as they were
+            if not np.array_equal(ref, got):
+                raise InternalCheckError(f"pass '{report.name}' changed non-numeric output "
+                                         f"'{name}'; its output is discarded")
+    bad = nonfinite_outputs(reference, outputs)
+    if bad:
         raise InternalCheckError(
-            f"pass '{report.name}' declared output error <= {bound:g} but moved outputs by "
-            f"rel L2 {worst['rel_l2']:.3g}; its output is discarded"
+            f"pass '{report.name}' made output '{bad[0][0]}' NaN/inf at {bad[0][1]} positions "
+            "where the input model's is finite; its output is discarded"
+        )
+    numeric = {k: v for k, v in reference.items() if _is_numeric(v)}
+    fidelity = task_fidelity(_finite_view(numeric),
+                             _finite_view({k: outputs[k] for k in numeric}, reference),
+                             [g for g in groups if g.output in numeric])
+    worst = max(fidelity["groups"].items(), key=lambda kv: kv[1]["rel_l2"], default=None)
+    report.metrics["guard_rel_l2"] = worst[1]["rel_l2"] if worst else None
+    if bound is not None and worst is not None and not within(worst[1]["rel_l2"], bound):
+        raise InternalCheckError(
+            f"pass '{report.name}' declared output error <= {bound:g} but moved output group "
+            f"{worst[0]} by rel L2 {worst[1]['rel_l2']:.3g}; its output is discarded"
         )
     return outputs
+
+
+def _finite_view(
+    outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Outputs with the positions where the input model's own output is NaN/inf set to 0, so
+    per-group metrics compare what both models compute (new NaN/inf is refused before this)."""
+    out = {}
+    for name, array in outputs.items():
+        ref = array if reference is None else reference[name]
+        if np.issubdtype(np.asarray(ref).dtype, np.floating) and not np.all(np.isfinite(ref)):
+            array = np.where(np.isfinite(ref), array, 0.0).astype(np.asarray(array).dtype)
+        out[name] = array
+    return out
+
+
+def _is_numeric(array: np.ndarray) -> bool:
+    return np.asarray(array).dtype.kind in "biuf"
+
+
+def _check_weights(model: ir.Model, who: str) -> None:
+    """Tensors a step created must be finite (NaN weights would ship silently otherwise)."""
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        where, count = bad[0]
+        raise InternalCheckError(f"{who} wrote {count} NaN/inf values into {where}; "
+                                 "that result is refused")
 
 
 def _distill(
@@ -325,13 +482,14 @@ def _distill(
     from rewriter.distill import distill, parse_distill_options
 
     parsed = parse_distill_options(options)  # bad options fail before any work
-    before = measure_fidelity(original, model, context.holdout) if context.holdout else None
+    groups = context.groups
+    before = measure_fidelity(original, model, context.holdout, groups) if context.holdout else None
     step = distill(
         original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
     )
     if before is not None:
         step.metrics["fidelity_before"] = before
-        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout)
+        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout, groups)
     return step
 
 

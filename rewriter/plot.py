@@ -5,6 +5,7 @@ matplotlib is optional (the `plot` extra); without it `--plot` fails with a mess
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,13 @@ def _owner(name: str, candidates: set[str]) -> str | None:
     return best
 
 
-def write_plot(
+def render_plot(
     report: RunReport,
     original: ir.Model,
     rewritten: ir.Model,
     shapes: Mapping[str, Sequence[int]] | None,
-    path: Path,
-) -> Path:
-    """Write the PNG; raise a clear error when matplotlib is missing."""
+) -> bytes:
+    """The PNG's bytes (so a caller can write it atomically, with the other outputs)."""
     try:
         import matplotlib
 
@@ -74,11 +74,24 @@ def write_plot(
     _macs_panel(ax_macs, rows, report)
     _latency_panel(ax_lat, report.latency)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return buffer.getvalue()
+
+
+def write_plot(
+    report: RunReport,
+    original: ir.Model,
+    rewritten: ir.Model,
+    shapes: Mapping[str, Sequence[int]] | None,
+    path: Path,
+) -> Path:
+    """Write the PNG atomically (never a partial file); a clear error without matplotlib."""
+    from rewriter.atomic import write_bytes_atomic
+
+    data = render_plot(report, original, rewritten, shapes)
+    return write_bytes_atomic(Path(path), data, label=f"--plot {path}")
 
 
 def _macs_panel(ax: Any, rows: list[tuple[str, int, int]], report: RunReport) -> None:

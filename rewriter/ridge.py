@@ -32,6 +32,11 @@ class RidgeFit:
 def _centred(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     y = np.asarray(y, np.float64).reshape(len(y), -1)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):  # LAPACK would fail or return NaN
+        from rewriter.errors import CalibrationError
+
+        raise CalibrationError("ridge fit: NaN/inf in the activations it fits "
+                               "(non-finite activations on the calibration data)")
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     return x - x_mean, y - y_mean, x_mean, y_mean
 
@@ -95,5 +100,9 @@ def choose_lambda(
         curve.append((fit.lam, err))
         if err < best_err:
             best, best_err = fit, err
-    assert best is not None
+    if best is None:  # every held-out error was NaN/inf: nothing to choose from
+        from rewriter.errors import CalibrationError
+
+        raise CalibrationError("ridge fit: held-out error is NaN/inf for every strength "
+                               "(non-finite activations on the calibration data)")
     return best, curve

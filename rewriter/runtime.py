@@ -25,7 +25,7 @@ SESSIONS_OPENED = 0
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     """CPU session options with threads set explicitly (benchmarks must say what they used)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as our one line, not ORT's log
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -50,6 +50,9 @@ def make_session(
     """
     global SESSIONS_OPENED
     SESSIONS_OPENED += 1
+    from rewriter.limits import check_loops, sample_bytes
+
+    check_loops(model)  # a constant trip count of 2^62 is refused before it can hang a run
     options = session_options(threads, optimize)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
@@ -57,19 +60,34 @@ def make_session(
         v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
     try:
-        if weights < _IN_MEMORY_LIMIT:
+        if weights < _IN_MEMORY_LIMIT and not _has_external_data(model):
             data = ir.serde.serialize_model(model).SerializeToString()
-            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix="onexone-session-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.TemporaryDirectory(prefix="onexone-session-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                ir.save(model, path, external_data="model.onnx.data")
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session.onexone_sample_bytes = sample_bytes(model)  # read by run_batched
+        return session
     except OnexoneError:
         raise
     except Exception as exc:
-        raise OnexoneError(
-            f"onnxruntime cannot run the model: {' '.join(str(exc).split())[:300]}"
-        ) from None
+        raise OnexoneError(f"onnxruntime cannot run the model: {_one_line(exc)}") from None
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    """True when a tensor still points at an external file (serialized bytes would make
+    onnxruntime resolve it against the working directory, not the model's folder)."""
+    for graph in model.graphs():
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values()):
+            return True
+        for node in graph:
+            for attr in node.attributes.values():
+                tensor = attr.value if attr.type == ir.AttributeType.TENSOR else None
+                if isinstance(tensor, ir.ExternalTensor):
+                    return True
+    return False
 
 
 def input_names(model: ir.Model) -> list[str]:
@@ -127,8 +145,13 @@ def run_batched(
 
     feeds_wanted = {i.name for i in session.get_inputs()}
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    from rewriter.limits import batch_that_fits
+
     fixed = fixed_batch(session)
-    size = fixed or batch_size
+    per_sample = getattr(session, "onexone_sample_bytes", 0)
+    size = fixed or batch_that_fits(per_sample, batch_size, "running the model")
+    if fixed:
+        batch_that_fits(per_sample * fixed, 1, f"running the model at its fixed batch {fixed}")
     n = len(next(iter(inputs.values()))) if inputs else 0
     batches = iter_batches(inputs, size)
     if label:
@@ -139,10 +162,30 @@ def run_batched(
         if fixed and real < fixed:
             pad = fixed - real
             feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
-        out = dict(zip(names, session.run(names, feed), strict=True))
+        out = dict(zip(names, run_session(session, names, feed), strict=True))
         if fixed and real < fixed:
             out = {k: v[:real] if v.ndim and v.shape[0] == fixed else v for k, v in out.items()}
         yield out
+
+
+def run_session(
+    session: ort.InferenceSession, names: Sequence[str] | None, feed: Mapping[str, np.ndarray]
+) -> list:
+    """One `session.run`, with onnxruntime's own failures turned into one-line errors."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # failures come back as one line, not onnxruntime's log
+    from rewriter.limits import timed_run
+
+    try:
+        return timed_run(session, list(names) if names else None, dict(feed), options)
+    except OnexoneError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument / ...
+        raise OnexoneError(f"onnxruntime cannot run the model: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def capture(
@@ -153,8 +196,33 @@ def capture(
     label: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` exposing the named intermediate values; yields one dict per batch."""
+    from rewriter.errors import CalibrationError
+    from rewriter.finite import nonfinite_count
+
     session = make_session(with_outputs(model, names), optimize=False)
-    yield from run_batched(session, inputs, names, batch_size, label)
+    for batch in run_batched(session, inputs, names, batch_size, label):
+        for name, array in batch.items():
+            count = nonfinite_count(array) if isinstance(array, np.ndarray) else 0
+            if count:  # a fit on these would return NaN weights or fail in linear algebra
+                _raise_if_nonfinite_weights(model, name)
+                raise CalibrationError(
+                    f"activation '{name}' has {count} NaN/inf values on the calibration data "
+                    "(the model overflows on it); fix the data or exclude that layer"
+                )
+        yield batch
+
+
+def _raise_if_nonfinite_weights(model: ir.Model, activation: str) -> None:
+    """NaN activations from NaN weights an earlier fit wrote: say that, not "bad data"."""
+    from rewriter.errors import InternalCheckError
+    from rewriter.finite import new_nonfinite_tensors
+
+    bad = new_nonfinite_tensors(model)
+    if bad:
+        raise InternalCheckError(
+            f"activation '{activation}' is NaN/inf because a fit wrote {bad[0][1]} NaN/inf values "
+            f"into {bad[0][0]} (check the pass options, e.g. ridge); nothing written"
+        )
 
 
 def run_all(

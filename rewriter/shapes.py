@@ -184,12 +184,17 @@ def _shapes_by_running(model: ir.Model) -> None:
     import numpy as np
 
     from rewriter import runtime  # local: runtime imports onnxruntime
+    from rewriter.errors import ResourceLimitError
+    from rewriter.limits import check_memory, sample_bytes
 
     try:
         names = list(dict.fromkeys(v.name for v in missing))
+        check_memory(sample_bytes(model), "probing shapes with one run of the model")
         session = runtime.make_session(runtime.with_outputs(model, names), optimize=False)
         feeds = {v.name: np.zeros(tuple(v.shape), v.dtype.numpy()) for v in feeds_spec}
-        results = session.run(names, feeds)
+        results = runtime.run_session(session, names, feeds)
+    except ResourceLimitError:  # a model too big or too slow to probe is too big to rewrite
+        raise
     except Exception:  # analysis stays as good as static inference made it
         return
     by_name = {v.name: v for v in missing}

@@ -36,10 +36,12 @@ def rewrite_cli(*args: str | Path, timeout: float = 120) -> subprocess.Completed
                           timeout=timeout, cwd=ROOT)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit code 1, exactly one non-empty stderr line, mentioning every needle."""
+def assert_one_line_error(
+    result: subprocess.CompletedProcess, *needles: str, code: int = 1
+) -> str:
+    """Exit code `code` (1), exactly one non-empty stderr line, mentioning every needle."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == code, result.stderr
     assert len(lines) == 1, result.stderr
     line = lines[0]
     assert line.startswith("rewrite: error:"), line

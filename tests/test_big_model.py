@@ -22,6 +22,7 @@ from bench.bench_bigmodel import build_big_model, measure
 from rewriter import io as rio
 from rewriter.shapes import infer_shapes, static_shape
 from tests.conftest import ROOT
+from tests.harden_helpers import data_files, hashed_data_files
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,8 @@ def test_save_peak_rss_below_two_copies(big_model, tmp_path):
     growth_mb = ours["peak_rss_mb"] - ours["import_rss_mb"]
     assert growth_mb < 1.5 * WEIGHT_BYTES / 2**20, ours
     out = tmp_path / "ours" / "out.onnx"
-    assert (tmp_path / "ours" / "out.onnx.data").stat().st_size == WEIGHT_BYTES
+    (data,) = data_files(out)  # named by content hash: out.onnx.<hash8>.data
+    assert data.stat().st_size == WEIGHT_BYTES
     onnx.checker.check_model(str(out), full_check=True)
 
 
@@ -96,7 +98,7 @@ def test_output_validated_on_temp_file_before_rename(big_model, tmp_path, monkey
     with pytest.raises(rewriter.ModelSaveError):
         rewriter.save(rewriter.load(big_model), tmp_path / "never.onnx")
     assert not (tmp_path / "never.onnx").exists()
-    assert not (tmp_path / "never.onnx.data").exists()
+    assert hashed_data_files(tmp_path, "never.onnx") == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onexone-")]
 
 

@@ -1,9 +1,10 @@
 """Mutation fuzzing (hypothesis, bounded): whatever comes in, no uncaught exception other than
 our OnexoneError types, no hang, and every model written passes the checker and onnxruntime.
 
-Two mutators: raw bytes of serialized models (flip, cut, splice) and graph edits on the proto
-(rewire an input, change an op, drop a node, corrupt a dim or an attribute). Each example is
-loaded, optionally rewritten with `cleanup`, and saved; a watchdog kills a hung run.
+Four mutators: raw bytes of serialized models (flip, cut, splice), graph edits on the proto
+(rewire an input, change an op, drop a node, corrupt a dim or an attribute), hostile pass
+option values, and calibration arrays (NaN, inf, overflow, degenerate, odd dtypes, labels).
+Each example is loaded, optionally rewritten, and saved; a watchdog kills a hung run.
 """
 
 from __future__ import annotations
@@ -182,3 +183,135 @@ def test_fuzz_harness_accepts_unmutated_seeds(tmp_path):
         out = rewriter.save(rewriter.load(data), tmp_path / "seed.onnx")
         check_written(data, out, same_outputs=True)
         assert np.isfinite(ort_run(out, seeded_feeds(onnx.load(str(out))))[0]).all()
+
+
+# ------------------------------------------------------------------- options and calibration
+
+HOSTILE_VALUES = ["nan", "inf", "-inf", "-1", "-5", "0", "1", "1.5", "1e308", "-1e-300", "abc",
+                  "", "2e62", "0.5", "true", "a*|b*"]
+PASS_OPTIONS = {
+    "bottleneck": ["ratio", "rank", "energy", "target", "min-cosine", "init", "mode", "round",
+                   "min-channels", "min-macs", "shrink", "ridge", "max-positions",
+                   "refit-reduce", "auto-steps"],
+    "deepen": ["max-count", "include", "exclude"],
+    "fold-bn": [],
+    "cleanup": ["identity", "dedupe", "dead"],
+    "merge-1x1": [],
+    "dense-head": ["hidden", "pooled"],
+}
+INITS = ["svd", "whitened", "refit"]
+FAST_EXAMPLES, SLOW_EXAMPLES = 12, 60
+
+
+def _bottleneck_seed() -> bytes:
+    return conv_model(["n", 16, 8, 8], 16, [3, 3], pads=[1] * 4, relu=True).SerializeToString()
+
+
+def _calib_for(data: bytes, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    proto = onnx.load_from_string(data)
+    shape = [d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(seed).standard_normal((n, *shape[1:])).astype(np.float32)
+    return {proto.graph.input[0].name: x}
+
+
+def try_rewrite(data: bytes, passes: list[str], calib, tmp: Path, **kw) -> None:
+    """rewrite -> save; an OnexoneError is a fine answer; a written model must be valid and
+    finite on the calibration inputs."""
+    try:
+        result = rewriter.rewrite(rewriter.load(data), passes, calib=calib, **kw)
+        if result.discarded:
+            return  # the CLI would exit 1 and write nothing
+        out = rewriter.save(result.model, tmp / "fuzz.onnx")
+    except OnexoneError as exc:
+        assert str(exc) and "\n" not in str(exc).strip()
+        return
+    onnx.checker.check_model(str(out), full_check=True)
+    for init in onnx.load(str(out)).graph.initializer:
+        array = onnx.numpy_helper.to_array(init)
+        if array.dtype.kind == "f":
+            assert np.isfinite(array).all(), f"non-finite initializer {init.name} written"
+    feeds = _calib_for(data, 2)  # finite inputs: a finite model must give finite outputs
+    got = ort_run(out, feeds)
+    assert all(np.isfinite(g).all() for g in got if g.dtype.kind == "f")
+
+
+@st.composite
+def pass_spec(draw) -> str:
+    name = draw(st.sampled_from(sorted(PASS_OPTIONS)))
+    keys = PASS_OPTIONS[name]
+    options = {}
+    for _ in range(draw(st.integers(0, 3)) if keys else 0):
+        key = draw(st.sampled_from(keys))
+        options[key] = draw(st.sampled_from(INITS if key == "init" else HOSTILE_VALUES))
+    return name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+
+
+def _option_case(tmp_path, spec, with_calib):
+    """Hostile option values (NaN, inf, negatives, huge, junk) on every pass: one-line errors
+    or a valid, finite model, never an uncaught exception."""
+    data = _bottleneck_seed()
+    try_rewrite(data, [spec], _calib_for(data) if with_calib else None, tmp_path)
+
+
+@settings(FUZZ, max_examples=FAST_EXAMPLES)
+@given(spec=pass_spec(), with_calib=st.booleans())
+def test_option_value_mutations(tmp_path, spec, with_calib):
+    _option_case(tmp_path, spec, with_calib)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=SLOW_EXAMPLES)
+@given(spec=pass_spec(), with_calib=st.booleans())
+def test_option_value_mutations_many(tmp_path, spec, with_calib):
+    _option_case(tmp_path, spec, with_calib)
+
+
+@st.composite
+def calibration_mutation(draw) -> dict[str, np.ndarray]:
+    n = draw(st.sampled_from([1, 2, 3, 16]))
+    x = np.random.default_rng(draw(st.integers(0, 3))).standard_normal((n, 16, 8, 8))
+    dtype = np.float32
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["nan", "inf", "huge", "zero", "constant", "tiny", "dtype",
+                                     "labels"]))
+        at = draw(st.integers(0, n - 1))
+        if kind == "nan":
+            x[at, 0, 0, 0] = np.nan
+        elif kind == "inf":
+            x[at].flat[draw(st.integers(0, 1023))] = np.inf
+        elif kind == "huge":
+            x[at] *= draw(st.sampled_from([3e38, 1e20, 1e17]))
+        elif kind == "zero":
+            x[:] = 0
+        elif kind == "constant":
+            x[:] = 1.0
+        elif kind == "tiny":
+            x *= 1e-30
+        elif kind == "dtype":
+            dtype = draw(st.sampled_from([np.float16, np.float64, np.int32]))
+    with np.errstate(invalid="ignore", over="ignore"):
+        arrays = {"x": x.astype(dtype)}
+    if draw(st.booleans()):
+        arrays["labels"] = draw(st.sampled_from([np.zeros(n, np.int64), np.zeros((n, 2)),
+                                                 np.zeros(n + 1, np.int64)]))
+    return arrays
+
+
+def _calibration_case(tmp_path, calib, init):
+    """NaN, inf, float32-overflowing, degenerate, tiny and odd-dtype calibration data with
+    every fitting init: refused in one line or fitted to a valid, finite model."""
+    passes = ["fold-bn"] if init == "fold" else [f"bottleneck:init={init}"]
+    try_rewrite(_bottleneck_seed(), passes, dict(calib), tmp_path)
+
+
+@settings(FUZZ, max_examples=FAST_EXAMPLES)
+@given(calib=calibration_mutation(), init=st.sampled_from(INITS + ["fold"]))
+def test_calibration_array_mutations(tmp_path, calib, init):
+    _calibration_case(tmp_path, calib, init)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=SLOW_EXAMPLES)
+@given(calib=calibration_mutation(), init=st.sampled_from(INITS + ["fold"]))
+def test_calibration_array_mutations_many(tmp_path, calib, init):
+    _calibration_case(tmp_path, calib, init)

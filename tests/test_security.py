@@ -22,6 +22,7 @@ import rewriter
 from rewriter.errors import ModelLoadError, ModelSaveError
 from tests.builders import conv_model
 from tests.conftest import ROOT
+from tests.harden_helpers import data_files, hashed_data_files
 from tests.test_bad_input import assert_one_line_error, rewrite_cli
 
 # ------------------------------------------------------------------------ external data
@@ -258,7 +259,7 @@ def test_output_equal_to_input_refused(model_file):
 def test_output_equal_to_input_refused_by_cli(model_file):
     before = model_file.read_bytes()
     result = rewrite_cli(model_file, "--pass", "cleanup", "-o", model_file)
-    assert_one_line_error(result, "refusing to overwrite the input")
+    assert_one_line_error(result, "refusing to overwrite the input", code=2)  # usage, up front
     assert model_file.read_bytes() == before
 
 
@@ -267,7 +268,7 @@ def test_output_directory_refused(model_file, tmp_path):
     with pytest.raises(ModelSaveError, match="is a directory"):
         rewriter.save(rewriter.load(model_file), tmp_path / "outdir")
     assert_one_line_error(rewrite_cli(model_file, "--pass", "cleanup", "-o", tmp_path / "outdir"),
-                          "directory")
+                          "directory", code=2)
 
 
 def test_output_data_file_never_the_inputs(tmp_path):
@@ -327,7 +328,7 @@ def test_failed_external_save_leaves_no_data_file(tmp_path):
     out = tmp_path / "out.onnx"
     with pytest.raises(ModelSaveError):
         rewriter.save(_invalid(tmp_path / "a.onnx"), out)
-    assert not out.exists() and not (tmp_path / "out.onnx.data").exists()
+    assert not out.exists() and hashed_data_files(tmp_path, "out.onnx") == []
     assert _temp_dirs(tmp_path) == []
 
 
@@ -337,9 +338,24 @@ def test_permissions_never_widened(tmp_path, mode):
     onnx.save(proto, tmp_path / "a.onnx", save_as_external_data=True, location="a.onnx.data",
               size_threshold=0)
     os.chmod(tmp_path / "a.onnx", mode)
+    os.chmod(tmp_path / "a.onnx.data", 0o644)
     out = rewriter.save(rewriter.load(tmp_path / "a.onnx"), tmp_path / "out.onnx")
-    for written in (out, tmp_path / "out.onnx.data"):
+    for written in (out, *data_files(out)):
         assert written.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("model_mode, data_mode", [(0o644, 0o600), (0o640, 0o604)])
+def test_data_file_keeps_its_own_restrictions(tmp_path, model_mode, data_mode):
+    """A 0600 input data file beside a 0644 model: the output data file stays 0600."""
+    proto = conv_model([1, 4, 8, 8], 8, [3, 3])
+    onnx.save(proto, tmp_path / "a.onnx", save_as_external_data=True, location="a.onnx.data",
+              size_threshold=0)
+    os.chmod(tmp_path / "a.onnx", model_mode)
+    os.chmod(tmp_path / "a.onnx.data", data_mode)
+    out = rewriter.save(rewriter.load(tmp_path / "a.onnx"), tmp_path / "out.onnx")
+    assert out.stat().st_mode & 0o777 == model_mode
+    (data,) = data_files(out)
+    assert data.stat().st_mode & 0o777 == model_mode & data_mode
 
 
 def test_permissions_from_bytes_follow_umask(tmp_path):
