@@ -8,7 +8,9 @@ init on the trained digits model.
 Writes bench/results/bottleneck.json. Efficiency = speedup / MAC reduction (both as ratios
 before/after): 1.0 means the runtime turns every MAC saved into time saved. The `objective`
 rows compare `objective=macs` with `objective=latency` (layers timed in onnxruntime first,
-those not faster skipped): latency may remove fewer MACs for a higher efficiency.
+those not faster skipped): latency may remove fewer MACs for a higher efficiency. The `methods`
+rows put `method=auto` (per layer in / in-out / spatial) beside `bottleneck` alone, with the
+onnxruntime sessions each run opened.
 """
 
 from __future__ import annotations
@@ -133,6 +135,86 @@ def ocr_case(kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
+METHOD_TARGETS = (0.5, 0.7, 0.8)
+
+
+def method_rows(full: bool) -> list[dict[str, Any]]:
+    """`bottleneck` alone (mode=in) beside `method=auto` (per layer in / in-out / spatial on
+    measured errors) at the same MAC targets: digits CNN (accuracy on its test split) and, in
+    the full run, PP-OCRv4 det on rendered pages (held-out worst-output cosine)."""
+    from rewriter import runtime
+
+    rows: list[dict[str, Any]] = []
+    if (TRAINED / "digits_cnn.onnx").exists():
+        calib, test = _digits_data()
+        for target in METHOD_TARGETS:
+            for method in ("mode", "auto"):
+                spec = f"bottleneck:target={target},init=refit,method={method}"
+                opened = runtime.SESSIONS_OPENED
+                result, rewrite_s, ref, got = rewrite_digits_and_score(["fold-bn", spec], calib,
+                                                                       test["input"])
+                rows.append(_method_row("digits CNN", spec, result, rewrite_s, opened) | {
+                    "accuracy_before": round(float(np.mean(ref.argmax(1) == test["labels"])), 4),
+                    "accuracy_after": round(float(np.mean(got.argmax(1) == test["labels"])), 4),
+                    "top1_agreement": round(float(np.mean(ref.argmax(1) == got.argmax(1))), 4)})
+    if full:
+        rows += _det_method_rows()
+    rows.append({"model": "trained detector", "skipped": "models/trained/detector.onnx is not "
+                 "on main yet (engineer det)"} if not (TRAINED / "detector.onnx").exists()
+                else _detector_method_rows())
+    return rows
+
+
+def _method_row(model: str, spec: str, result, rewrite_s: float, opened: int) -> dict:
+    from rewriter import runtime
+
+    report = result.report
+    decisions = [d for d in report.passes[-1].decisions if d.applied]
+    methods: dict[str, int] = {}
+    for d in decisions:
+        key = d.details.get("method", "in")
+        methods[key] = methods.get(key, 0) + 1
+    return {"model": model, "options": spec,
+            "macs_removed": round(1 - report.macs_after / max(report.macs_before, 1), 4),
+            "cosine": round(float(report.fidelity.get("cosine", float("nan"))), 5),
+            "methods": methods, "sessions": runtime.SESSIONS_OPENED - opened,
+            "rewrite_s": round(rewrite_s, 2)}
+
+
+def _det_method_rows() -> list[dict[str, Any]]:
+    if importlib.util.find_spec("rapidocr_onnxruntime") is None:
+        return [{"model": "PP-OCRv4 det", "skipped": "rapidocr-onnxruntime not installed"}]
+    from models.ocr_data import det_calibration
+    from rewriter import runtime
+
+    spec_path = Path(importlib.util.find_spec("rapidocr_onnxruntime").origin).parent
+    path = spec_path / "models" / "ch_PP-OCRv4_det_infer.onnx"
+    data = CalibrationSet(det_calibration(8), source="rendered pages")
+    rows = []
+    for method in ("mode", "auto"):
+        spec = f"bottleneck:target=0.4,init=whitened,method={method},measure-ranks=2"
+        opened, started = runtime.SESSIONS_OPENED, time.perf_counter()
+        result = rewrite(load(path), [spec], calib=data, holdout=0.25)
+        rows.append(_method_row("PP-OCRv4 det", spec, result, time.perf_counter() - started,
+                                opened))
+    return rows
+
+
+def _detector_method_rows() -> list[dict[str, Any]]:
+    from rewriter import runtime
+
+    calib = dict(np.load(TRAINED / "detector_calib.npz"))
+    data = CalibrationSet({"images": calib["images"]}, source="detector_calib.npz")
+    rows = []
+    for method in ("mode", "auto"):
+        spec = f"bottleneck:target=0.5,init=refit,method={method},measure-ranks=2"
+        opened, started = runtime.SESSIONS_OPENED, time.perf_counter()
+        result = rewrite(load(TRAINED / "detector.onnx"), [spec], calib=data)
+        rows.append(_method_row("trained detector", spec, result,
+                                time.perf_counter() - started, opened))
+    return rows
+
+
 def run(full: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"topic": "bottleneck", "full": full, "machine": machine_info(1)}
@@ -150,6 +232,7 @@ def run(full: bool = False) -> dict[str, Any]:
     else:
         out["digits"] = {"skipped": "models/trained/digits_cnn.onnx missing "
                                     "(python -m models.digits)"}
+    out["methods"] = method_rows(full)
     if full:
         out["ocr"] = [ocr_case("det", (1, 3, 640, 640)), ocr_case("rec", (1, 3, 48, 320))]
     out["summary"] = summarize(out)

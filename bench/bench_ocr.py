@@ -210,7 +210,7 @@ def rewrite_det(spec: str, calib: Path, tag: str) -> tuple[Path, dict[str, Any]]
     layers = [{"node": d.node, "rank": d.details.get("rank"),
                "channels": d.details.get("channels"),
                "measured_rel_error": _round(d.details.get("measured_rel_error")),
-               "sensitivity_rel_error": _round(d.details.get("sensitivity_rel_error"))}
+               "sensitivity_task_error": _round(d.details.get("sensitivity_task_error"))}
               for d in passes.decisions if d.applied]
     fidelity = result.report.fidelity or {}
     return path, {"layers": layers, "notes": list(passes.notes), "rewrite_s": round(seconds, 1),

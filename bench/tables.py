@@ -29,6 +29,17 @@ def bottleneck_markdown(out: dict[str, Any]) -> str:
         lines.append(f"| {row['init']} | {row['target']} | {_pct(row['macs_removed'])} | "
                      f"{_pct(row['accuracy_after'])} | {_pct(row['top1_agreement'])} | "
                      f"{row['rel_l2']:.3f} |")
+    methods = [r for r in out.get("methods", []) if "skipped" not in r]
+    if methods:
+        lines += ["", "`bottleneck` alone vs `method=auto` (per layer in / in-out / spatial):", "",
+                  "| model | options | MACs removed | test accuracy | held-out cosine | methods "
+                  "| sessions | rewrite s |",
+                  "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for r in methods:
+            acc = _pct(r["accuracy_after"]) if "accuracy_after" in r else "-"
+            used = ", ".join(f"{k} {v}" for k, v in r["methods"].items())
+            lines.append(f"| {r['model']} | `{r['options']}` | {_pct(r['macs_removed'])} | {acc} | "
+                         f"{r['cosine']:.5f} | {used} | {r['sessions']} | {r['rewrite_s']} |")
     return "\n".join(lines)
 
 

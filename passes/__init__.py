@@ -14,9 +14,11 @@ _PASS_MODULES = (
     "passes.cleanup",
     "passes.fold_bn",
     "passes.bottleneck",
+    "passes.spatial_svd",
     "passes.dense_head",
     "passes.merge_1x1",
     "passes.deepen",
+    "passes.quantize",
 )
 _loaded = False
 

@@ -47,6 +47,9 @@ class RewritePass(ir.passes.InPlacePass):
     Options: ClassVar[type[PassOptions]] = PassOptions
     #: True when the rewrite keeps outputs unchanged up to float rounding (checked by the guard).
     exact: ClassVar[bool] = False
+    #: True when nothing may follow this pass in a pipeline (its output is not our IR's kind of
+    #: graph to rewrite further, e.g. a QDQ int8 model).
+    runs_last: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -74,6 +77,11 @@ class RewritePass(ir.passes.InPlacePass):
         elif not self.report.decisions:
             self.report.note("nothing to do: no candidate node in this model")
         return ir.passes.PassResult(model, modified)
+
+    def chooses_on_holdout(self) -> bool:
+        """True when the pass makes a choice on the held-out split (numbers measured there are
+        then optimistic, so the run measures its headline on a split no choice saw)."""
+        return False
 
     @abstractmethod
     def apply(self, model: ir.Model) -> None:

@@ -78,6 +78,9 @@ class DenseHeadPass(RewritePass):
     Options = DenseHeadOptions
     exact = False  # fitted heads change outputs; exact-only runs declare a bound instead
 
+    def chooses_on_holdout(self) -> bool:
+        return True  # fitted heads choose their ridge strength on the held-out split
+
     def apply(self, model: ir.Model) -> None:
         namer = Namer(model)
         fitted: list[DenseHead] = []

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from rewriter.cost import bottleneck_macs, model_cost, round_rank
-from rewriter.graph import conv_geometry, nodes_by_op
-from rewriter.shapes import static_shape, with_input_shapes
-
-DEFAULT_RATIO = 0.5
-DEFAULT_ROUND = 8
+from rewriter.cost import model_cost
+from rewriter.lowrank_methods import METHODS
+from rewriter.lowrank_plan import DEFAULT_RATIO, DEFAULT_ROUND, RankRule, plan_by_rule
+from rewriter.lowrank_select import SelectRules, select_convs
+from rewriter.shapes import with_input_shapes
 
 
 @dataclass
@@ -95,23 +93,14 @@ class Candidate:
 
 
 def bottleneck_candidates(
-    model: ir.Model, ratio: float = DEFAULT_RATIO, multiple: int = DEFAULT_ROUND
+    model: ir.Model, ratio: float = DEFAULT_RATIO, multiple: int = DEFAULT_ROUND,
+    rules: SelectRules | None = None,
 ) -> list[Candidate]:
-    """Group-1 kxk convs where a 1x1 reduce to `ratio` of the input channels saves MACs."""
-    out = []
-    for node in nodes_by_op(model, ["Conv"]):
-        x, y = static_shape(node.inputs[0]), static_shape(node.outputs[0])
-        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
-        if x is None or y is None or w is None:
-            continue
-        geo = conv_geometry(node, w)
-        if geo.group != 1 or geo.is_pointwise:
-            continue
-        channels, out_channels = w[1], w[0]
-        rank = round_rank(channels * ratio, multiple, channels)
-        in_pos, out_pos = x[0] * math.prod(x[2:]), y[0] * math.prod(y[2:])
-        before = out_pos * out_channels * channels * math.prod(geo.kernel)
-        after = bottleneck_macs(in_pos, out_pos, channels, out_channels, rank, geo.kernel)
-        if after < before:
-            out.append(Candidate(node.name, rank, before, after))
-    return out
+    """The convs `bottleneck` would rewrite at `ratio` (its selection rule and rank rule, so
+    `--analyze` and the pass cannot disagree): where a 1x1 reduce saves MACs."""
+    selection = select_convs(model, rules or SelectRules(), analysis=model)
+    method = METHODS["in"]
+    plan = plan_by_rule(selection.layers, method, {}, RankRule(ratio=ratio, multiple=multiple))
+    return [Candidate(layer.name, plan.ranks[layer.index].r, layer.macs,
+                      method.macs_after(layer, plan.ranks[layer.index]))
+            for layer in selection.layers if layer.index in plan.ranks]

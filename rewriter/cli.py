@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, help="gate: max drop of accuracy / top-1 agreement")
     p.add_argument("--min-cosine", type=float, help="gate: min output cosine similarity")
     p.add_argument("--min-speedup", type=float, help="gate: min measured speedup (needs --bench)")
+    from rewriter.compare import add_fidelity_arguments
+
+    add_fidelity_arguments(p)  # --groups, --metric, --max-flip, --min-samples
     p.add_argument(
         "--keep-failed", action="store_true", help="write the model even if a gate fails"
     )
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # `rewrite compare A.onnx B.onnx --calib DATA`
+        from rewriter.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -16,12 +16,20 @@ data = "calib.npz"              # .npz, .npy, an image folder, or "random"
 eval = "test.npz"               # optional: measure fidelity here instead of the held-out split
 preprocess = "size=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225"
 holdout = 0.25
+min_samples = 16                # fewest held-out samples target=auto may choose on
 
 [gates]
-max_drop = 0.01
+max_drop = 0.01                 # with [metric]: max drop of its primary value
 min_cosine = 0.99
+max_flip = 0.02
 min_speedup = 1.1
 keep_failed = false
+
+[groups]                        # optional: output groups (default: found automatically)
+output0 = "box=0-3+cls=4-13"    # or at the top: groups = "output0:box=0-3+cls=4-13"
+
+[metric]                        # optional: your own metric, a function of a model path
+function = "my_metric.py:evaluate"
 
 [bench]
 enabled = true
@@ -83,16 +91,22 @@ def config_to_flags(config: Mapping[str, Any], base: Path, label: str) -> dict[s
             dest, kind = keys[key]
             flags[dest] = _check_type(value, kind, f"{label}: '{where}{key}'")
 
-    top = {k: v for k, v in config.items() if not isinstance(v, (dict, list)) or k == "input_shape"}
+    top = {k: v for k, v in config.items()
+           if not isinstance(v, (dict, list)) or k == "input_shape"
+           or (k == "groups" and isinstance(v, list))}
     take(top, "", {"model": ("model", str), "output": ("output", str), "seed": ("seed", int),
-                   "input_shape": ("input_shape", (dict, list, str))})
+                   "input_shape": ("input_shape", (dict, list, str)),
+                   "groups": ("groups", (str, list)), "metric": ("metric", str)})
     sections["pass"] = lambda v, w: flags.__setitem__("passes", _passes(v, label))
     sections["calibration"] = lambda v, w: take(v, w, {
         "data": ("calib", str), "eval": ("eval", str), "preprocess": ("preprocess", (str, dict)),
-        "holdout": ("holdout", (float, int))})
+        "holdout": ("holdout", (float, int)), "min_samples": ("min_samples", int)})
     sections["gates"] = lambda v, w: take(v, w, {
         "max_drop": ("max_drop", (float, int)), "min_cosine": ("min_cosine", (float, int)),
-        "min_speedup": ("min_speedup", (float, int)), "keep_failed": ("keep_failed", bool)})
+        "min_speedup": ("min_speedup", (float, int)), "keep_failed": ("keep_failed", bool),
+        "max_flip": ("max_flip", (float, int))})
+    sections["groups"] = lambda v, w: flags.__setitem__("groups", _groups_table(v, label))
+    sections["metric"] = lambda v, w: take(v, w, {"function": ("metric", str)})
     sections["bench"] = lambda v, w: take(v, w, {
         "enabled": ("bench", bool), "threads": ("threads", int), "batch": ("batch", (list, int))})
     sections["outputs"] = lambda v, w: take(v, w, {
@@ -121,6 +135,18 @@ def apply_config(args: argparse.Namespace, path: Path) -> argparse.Namespace:
         if getattr(args, dest, None) == getattr(defaults, dest, None):
             setattr(args, dest, value)
     return args
+
+
+def _groups_table(value: Any, label: str) -> list[str]:
+    """`[groups]` `output0 = "box=0-3+cls=4-13"` -> `["output0:box=0-3+cls=4-13"]`."""
+    out = []
+    for output, spec in value.items():
+        if not isinstance(spec, str):
+            raise UsageError(
+                f"{label}: 'groups.{output}' must be a string like \"box=0-3+cls=4-13\""
+            )
+        out.append(f"{output}:{spec}")
+    return out
 
 
 def _passes(value: Any, label: str) -> list[dict[str, Any]]:
@@ -155,7 +181,13 @@ def _normalize(flags: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(shapes, dict):
             shapes = [f"{k}:{','.join(map(str, v))}" for k, v in shapes.items()]
         flags["input_shape"] = [shapes] if isinstance(shapes, str) else list(shapes)
-    for key in ("max_drop", "min_cosine", "min_speedup", "holdout"):
+    if isinstance(flags.get("groups"), str):
+        flags["groups"] = [flags["groups"]]
+    if "metric" in flags:
+        where, sep, name = flags["metric"].rpartition(":")
+        if sep and (where.endswith(".py") or "/" in where):
+            flags["metric"] = f"{_resolve(where, base)}:{name}"
+    for key in ("max_drop", "min_cosine", "min_speedup", "holdout", "max_flip"):
         if key in flags:
             flags[key] = float(flags[key])
     return flags

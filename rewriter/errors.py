@@ -47,3 +47,7 @@ class InternalCheckError(OnexoneError):
 class ResourceLimitError(OnexoneError):
     """A run would exceed a time or memory limit; the message names the limit and how to raise
     it (exit code 1)."""
+
+
+class DetectionError(OnexoneError):
+    """Detector outputs, detections or ground truth are not in the layout the metric reads."""

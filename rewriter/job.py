@@ -58,7 +58,9 @@ def run_job(model: ir.Model, shapes: dict, args: argparse.Namespace, console: Co
     source = model.meta.get(META_SOURCE)
     if source:
         report.file_size_before = Path(source).stat().st_size
-    report.gates = evaluate_gates(report, args.max_drop, args.min_cosine, args.min_speedup)
+    report.gates = evaluate_gates(
+        report, args.max_drop, args.min_cosine, args.min_speedup, getattr(args, "max_flip", None)
+    )
     failed = [g for g in report.gates if not g["passed"]]
     report.options.update(_cli_options(args))
 
@@ -125,6 +127,10 @@ def _rewrite(
         seed=args.seed,
         distill=getattr(args, "distill", None),
         evaluate=args.eval,
+        groups=getattr(args, "groups", None) or None,
+        metric=getattr(args, "metric", None),
+        max_drop=args.max_drop,
+        min_samples=getattr(args, "min_samples", None),
         log=lambda message: console.print(f"[dim]{message}[/dim]"),
     )
     return result, result.input_shapes
@@ -141,7 +147,9 @@ def _cli_options(args: argparse.Namespace) -> dict[str, Any]:
             "max_drop": args.max_drop,
             "min_cosine": args.min_cosine,
             "min_speedup": args.min_speedup,
+            "max_flip": getattr(args, "max_flip", None),
         },
+        "metric": getattr(args, "metric", None),
         "keep_failed": bool(args.keep_failed),
         "dry_run": bool(args.dry_run),
         "config": args.config,

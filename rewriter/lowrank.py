@@ -22,6 +22,10 @@ import numpy as np
 #: sets made plain whitening worse than SVD on a real detector.
 DEFAULT_SHRINK = 0.2
 DEFAULT_EPS = 1e-6  # relative to the mean diagonal of the second moment
+#: Eigenvalues of the input second moment below this share of the largest are its null space.
+DEFAULT_NULL_TOL = 1e-9
+DEFAULT_ALS_ITERS = 8  # Tucker-2 ALS sweeps; a few are enough on conv kernels
+BIAS_CORRECTION = True  # data-aware factors get the bias that removes the mean output shift
 DEFAULT_RIDGE = 1e-5  # relative to the mean diagonal of the normal equations
 
 
@@ -60,6 +64,11 @@ def _balance(p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p / norms[:, None], b * norms[:, None]
 
 
+def balance(p: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Public form of `_balance`, for factorizations built outside this module."""
+    return _balance(p, b)
+
+
 # ------------------------------------------------------------------------------ second moments
 
 
@@ -68,16 +77,22 @@ class SecondMoment:
 
     def __init__(self, channels: int) -> None:
         self.sum = np.zeros((channels, channels))
+        self.first = np.zeros(channels)
         self.count = 0
 
     def add(self, activations: np.ndarray) -> None:
         x = np.asarray(activations, np.float64)
         flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
         self.sum += flat.T @ flat
+        self.first += flat.sum(axis=0)
         self.count += flat.shape[0]
 
     def value(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
+
+    def mean(self) -> np.ndarray:
+        """E[x] per channel (for bias correction of data-free or whitened factors)."""
+        return self.first / max(self.count, 1)
 
 
 def shrink_covariance(
@@ -90,13 +105,32 @@ def shrink_covariance(
     return shrunk + eps * max(scale, 1e-12) * np.eye(sigma.shape[0])
 
 
-def _sqrt_factor(sigma: np.ndarray) -> np.ndarray:
-    """L with Σ = L Lᵀ (Cholesky; eigen square root when Cholesky fails on a near-singular Σ)."""
-    try:
-        return np.linalg.cholesky(sigma)
-    except np.linalg.LinAlgError:
-        vals, vecs = np.linalg.eigh(sigma)
-        return vecs * np.sqrt(np.clip(vals, 1e-12 * max(vals.max(), 1e-30), None))
+@dataclass(frozen=True)
+class Whitening:
+    """`Σ = V Λ Vᵀ` restricted to its range: `root = Λ_k^{1/2} V_kᵀ [k, C]` and
+    `pinv_root = V_k Λ_k^{-1/2} [C, k]` (BALF-style: directions the data never takes are
+    dropped, not regularised into huge gains, so factors built from it stay well-conditioned)."""
+
+    root: np.ndarray
+    pinv_root: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.root.shape[0])
+
+
+def whitening(sigma: np.ndarray, tol: float = DEFAULT_NULL_TOL) -> Whitening:
+    """Eigen square root of a second moment, dropping eigenvalues below `tol`·λ_max."""
+    sym = (np.asarray(sigma, np.float64) + np.asarray(sigma, np.float64).T) / 2
+    vals, vecs = np.linalg.eigh(sym)
+    top = float(vals[-1]) if vals.size else 0.0
+    keep = vals > tol * top if top > 0 else np.zeros(vals.shape, bool)
+    if not keep.any():  # an all-zero input: one harmless direction so shapes stay valid
+        keep[-1:] = True
+        vals = np.where(keep, 1.0, vals)
+    vals, vecs = vals[keep][::-1], vecs[:, keep][:, ::-1]
+    root_vals = np.sqrt(vals)
+    return Whitening((vecs * root_vals).T, vecs / root_vals)
 
 
 # ------------------------------------------------------------------------------ spectra and inits
@@ -109,7 +143,9 @@ class Spectrum:
     u: np.ndarray  # [C, C'] left vectors in the (whitened) input space
     s: np.ndarray  # [C'] descending
     vt: np.ndarray  # [C', O·K]
-    unwhiten: np.ndarray | None = None  # L^{-T}: maps whitened left vectors back to channel space
+    unwhiten: np.ndarray | None = None  # maps whitened left vectors back to channel space
+    moment: np.ndarray | None = None  # the (shrunk) input second moment it was whitened by
+    mean: np.ndarray | None = None  # the input channel mean (bias correction)
 
     def energy(self) -> np.ndarray:
         """Cumulative share of the squared spectrum kept at rank 1..len(s)."""
@@ -123,12 +159,29 @@ class Spectrum:
         total = float(sq.sum())
         return math.sqrt(float(sq[rank:].sum()) / total) if total > 0 else 0.0
 
+    def in_out_error(self, rank: int, rank_out: int, out_channels: int) -> float:
+        """Estimated relative output error of Tucker-2 at (rank, rank_out): this spectrum's
+        rank-r input factor, then the best output factor for it (the ALS init; ALS sweeps
+        only lower it). Cheap: no new whitening, one `[O, O]` eigenproblem."""
+        sq = self.s**2
+        total = float(sq.sum())
+        if total <= 0:
+            return 0.0
+        b = (self.s[:rank, None] * self.vt[:rank]).reshape(min(rank, len(self.s)),
+                                                            out_channels, -1)
+        vals = np.linalg.eigvalsh(np.einsum("bok,bpk->op", b, b))
+        kept = float(np.sum(np.sort(vals)[::-1][:rank_out]))
+        return math.sqrt(max(total - kept, 0.0) / total)
+
     def factors(self, rank: int, out_channels: int, kernel: Sequence[int],
                 bias: np.ndarray | None) -> Factors:
         """The best rank-r factors under this spectrum's metric."""
         u_r = self.u[:, :rank]
-        p_t = u_r if self.unwhiten is None else self.unwhiten @ u_r  # [C, r]
-        b = self.s[:rank, None] * self.vt[:rank]  # [r, O·K]
+        p_t = u_r if self.unwhiten is None else self.unwhiten @ u_r  # [C, r']
+        b = self.s[:rank, None] * self.vt[:rank]  # [r', O·K]
+        if p_t.shape[1] < rank:  # more rank than the data has directions: exact already
+            p_t = np.pad(p_t, [(0, 0), (0, rank - p_t.shape[1])])
+            b = np.pad(b, [(0, rank - b.shape[0]), (0, 0)])
         p, b = _balance(p_t.T, b)
         return Factors(p, fold_kernel(b, out_channels, kernel),
                        None if bias is None else np.asarray(bias, np.float64))
@@ -156,14 +209,16 @@ def svd_spectrum(weight: np.ndarray) -> Spectrum:
 
 
 def whitened_spectrum(
-    weight: np.ndarray, sigma: np.ndarray, alpha: float = DEFAULT_SHRINK, eps: float = DEFAULT_EPS
+    weight: np.ndarray, sigma: np.ndarray, alpha: float = DEFAULT_SHRINK, eps: float = 0.0,
+    tol: float = DEFAULT_NULL_TOL,
 ) -> Spectrum:
-    """Data-aware: SVD of `Lᵀ M` with `Σ = L Lᵀ` (minimises E‖(M - M̂)ᵀ x‖², the output error)."""
+    """Data-aware: SVD of `Σ^{1/2} M` on the range of Σ (minimises E‖(M - M̂)ᵀ x‖², the output
+    error, also when Σ is rank-deficient: dead channels, fewer samples than channels)."""
     m = unfold_input(weight)
-    lower = _sqrt_factor(shrink_covariance(np.asarray(sigma, np.float64), alpha, eps))
-    u, s, vt = thin_svd(lower.T @ m)
-    unwhiten = np.linalg.inv(lower.T)  # L^{-T}
-    return Spectrum(u, s, vt, unwhiten)
+    moment = shrink_covariance(np.asarray(sigma, np.float64), alpha, eps)
+    white = whitening(moment, tol)
+    u, s, vt = thin_svd(white.root @ m)
+    return Spectrum(u, s, vt, white.pinv_root, moment)
 
 
 def svd_init(weight: np.ndarray, rank: int, bias: np.ndarray | None = None) -> Factors:
@@ -172,7 +227,7 @@ def svd_init(weight: np.ndarray, rank: int, bias: np.ndarray | None = None) -> F
 
 def whitened_init(weight: np.ndarray, sigma: np.ndarray, rank: int,
                   bias: np.ndarray | None = None, alpha: float = DEFAULT_SHRINK,
-                  eps: float = DEFAULT_EPS) -> Factors:
+                  eps: float = 0.0) -> Factors:
     spectrum = whitened_spectrum(weight, sigma, alpha, eps)
     return spectrum.factors(rank, weight.shape[0], weight.shape[2:], bias)
 
@@ -184,6 +239,77 @@ def reconstruct(factors: Factors) -> np.ndarray:
     return np.einsum("ork,rc->ock", w2.reshape(o, r, -1), factors.reduce).reshape(
         o, factors.reduce.shape[1], *w2.shape[2:]
     )
+
+
+# ------------------------------------------------------------------------------ corrections
+
+
+def corrected_bias(weight: np.ndarray, approx: np.ndarray, bias: np.ndarray | None,
+                   mean_input: np.ndarray) -> np.ndarray:
+    """Bias that removes the mean output shift of an approximate kernel (Nagel et al. 2019):
+    `b + Σ_{c,k} (W − Ŵ)[o, c, k] E[x[c, k]]`. `mean_input` is the channel mean `[C]` (the
+    same at every kernel offset: exact away from zero-padded borders) or the patch mean
+    `[C, *k]`."""
+    diff = (np.asarray(weight, np.float64) - approx).reshape(weight.shape[0], weight.shape[1], -1)
+    mu = np.asarray(mean_input, np.float64).reshape(weight.shape[1], -1)
+    shift = np.einsum("ock,ck->o", diff, np.broadcast_to(mu, diff.shape[1:]))
+    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64)
+    return base + shift
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def silu_grad(x: np.ndarray) -> np.ndarray:
+    sig = 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+ACTIVATIONS = {
+    "Silu": (silu, silu_grad),
+    "Relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
+    "Identity": (lambda x: x, np.ones_like),
+}
+
+
+def activation_affine(pred: np.ndarray, target: np.ndarray, activation: str = "Silu",
+                      iters: int = 8, damping: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel `(scale, shift)` minimising `Σ (act(s·ŷ + t) − act(y))²` over rows
+    `[n, O]` of the rewritten (`pred`) and original (`target`) pre-activations: a few damped
+    Gauss-Newton steps through the activation, each kept only where it lowers the channel's
+    post-activation error (so the result is never worse than `(1, 0)`). Fold into the layer as
+    `W2 ← s·W2`, `b ← s·b + t`."""
+    act, grad = ACTIVATIONS[activation]
+    yhat = np.asarray(pred, np.float64)
+    goal = act(np.asarray(target, np.float64))
+    o = yhat.shape[1]
+    scale, shift = np.ones(o), np.zeros(o)
+
+    def loss(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return np.sum((act(yhat * s + t) - goal) ** 2, axis=0)
+
+    current = loss(scale, shift)
+    for _ in range(iters):
+        z = yhat * scale + shift
+        r = act(z) - goal
+        g = grad(z)
+        ja, jb = g * yhat, g  # d act / d scale, d act / d shift
+        a11, a12, a22 = np.sum(ja * ja, 0), np.sum(ja * jb, 0), np.sum(jb * jb, 0)
+        b1, b2 = np.sum(ja * r, 0), np.sum(jb * r, 0)
+        lam = damping * (a11 + a22) + 1e-300
+        a11, a22 = a11 + lam, a22 + lam
+        det = a11 * a22 - a12 * a12
+        det = np.where(np.abs(det) > 1e-300, det, np.inf)
+        da, db = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+        trial_s, trial_t = scale - da, shift - db
+        trial = loss(trial_s, trial_t)
+        better = trial < current
+        scale, shift = np.where(better, trial_s, scale), np.where(better, trial_t, shift)
+        current = np.where(better, trial, current)
+        if not better.any():
+            break
+    return scale, shift
 
 
 # ------------------------------------------------------------------------------ rank selection
@@ -410,7 +536,7 @@ class RefitAccumulator:
     input x̂ and the original conv output y; `solve` gives `W2` and bias."""
 
     def __init__(self, reduce: np.ndarray, out_channels: int, window: Window,
-                 max_positions: int | None = None, seed: int = 0) -> None:
+                 max_positions: int | None = None, seed: int = 0, keep_rows: int = 0) -> None:
         self.reduce = np.asarray(reduce, np.float64)
         self.window = window
         self.out_channels = out_channels
@@ -418,6 +544,9 @@ class RefitAccumulator:
         self.rng = np.random.default_rng(seed)
         k = math.prod(window.kernel)
         self.equations = NormalEquations(self.reduce.shape[0] * k, out_channels)
+        self.keep_rows = keep_rows  # rows kept for a post-activation correction
+        self._kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self._kept_count = 0
 
     def add(self, x_hat: np.ndarray, y: np.ndarray) -> None:
         out_dims = y.shape[2:]
@@ -428,8 +557,21 @@ class RefitAccumulator:
                  y_rows: np.ndarray) -> None:
         """A batch whose targets were already gathered at `positions` (see `SampledTargets`)."""
         z = np.einsum("rc,nc...->nr...", self.reduce, np.asarray(x_hat, np.float64))
-        self.equations.add(gather_patches(z, self.window, out_dims, positions),
-                           np.asarray(y_rows, np.float64))
+        patches = gather_patches(z, self.window, out_dims, positions)
+        y = np.asarray(y_rows, np.float64)
+        self.equations.add(patches, y)
+        take = min(self.keep_rows - self._kept_count, len(patches))
+        if take > 0:  # positions are already a random sample: keep the first ones
+            self._kept.append((patches[:take].copy(), y[:take].copy()))
+            self._kept_count += take
+
+    def kept_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Patches `[n, r·K]` of the reduced input and original outputs `[n, O]` kept so far."""
+        if not self._kept:
+            width = self.equations.a.shape[0] - 1
+            return np.zeros((0, width)), np.zeros((0, self.out_channels))
+        return (np.concatenate([z for z, _ in self._kept]),
+                np.concatenate([y for _, y in self._kept]))
 
     def solve(self, ridge: float = DEFAULT_RIDGE) -> Factors:
         w, b = self.equations.solve(ridge)
@@ -514,8 +656,129 @@ def restore_outputs(factors: Factors, rank_out: int,
     return Tucker2(factors.reduce, core, q, factors.bias)
 
 
+@dataclass(frozen=True)
+class Tucker2Fit:
+    """A Tucker-2 fit and its estimated relative output error after the init and each ALS
+    sweep (non-increasing: every half-step maximises the kept energy given the other factor)."""
+
+    tucker: Tucker2
+    errors: list[float]
+
+    @property
+    def error(self) -> float:
+        return self.errors[-1]
+
+
+def _top_eigvecs(gram: np.ndarray, count: int) -> np.ndarray:
+    vals, vecs = np.linalg.eigh((gram + gram.T) / 2)
+    return vecs[:, np.argsort(vals)[::-1][:count]]
+
+
+def tucker2_als(
+    weight: np.ndarray, sigma: np.ndarray | None, rank_in: int, rank_out: int,
+    bias: np.ndarray | None = None, iters: int = DEFAULT_ALS_ITERS,
+    alpha: float = DEFAULT_SHRINK, tol: float = DEFAULT_NULL_TOL, stop: float = 1e-6,
+) -> Tucker2Fit:
+    """Tucker-2 `W ≈ restore ∘ core ∘ reduce` minimising the output error under the input
+    moment Σ (Kalle et al. 2025): in whitened input coordinates `T = Σ^{1/2} M` this is a
+    plain Tucker-2 of T, fitted by alternating least squares (HOOI): the input factor and the
+    output factor in turn are the top eigenvectors given the other, the core `Qᵀ T U` in closed
+    form. Stops after `iters` sweeps or when a sweep gains less than `stop` (relative).
+    `sigma=None` fits the weights themselves (data-free)."""
+    o, c = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    m = unfold_input(weight)  # [C, O·K]
+    if sigma is None:
+        white = Whitening(np.eye(c), np.eye(c))
+    else:
+        white = whitening(shrink_covariance(np.asarray(sigma, np.float64), alpha, 0.0), tol)
+    k = white.rank
+    t = (white.root @ m).reshape(k, o, -1)  # [k, O, K]
+    total = float(np.sum(t**2))
+    r_in, r_out = min(rank_in, k), min(rank_out, o)
+    u = thin_svd(t.reshape(k, -1))[0][:, :r_in]  # the whitened `in` solution
+
+    def output_step(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        tu = np.einsum("jb,jok->bok", u, t)  # [r_in, O, K]
+        q = _top_eigvecs(np.einsum("bok,bpk->op", tu, tu), r_out)
+        core = np.einsum("oa,bok->abk", q, tu)  # [r_out, r_in, K]
+        kept = float(np.sum(core**2))
+        return q, core, math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+
+    q, core, err = output_step(u)
+    errors = [err]
+    for _ in range(max(0, iters)):
+        tq = np.einsum("jok,oa->jak", t, q)  # [k, r_out, K]
+        u = _top_eigvecs(np.einsum("jak,iak->ji", tq, tq), r_in)
+        q, core, err = output_step(u)
+        errors.append(err)
+        if errors[-2] - err <= stop * max(errors[-2], 1e-300):
+            break
+    reduce = (white.pinv_root @ u).T  # [r_in, C]
+    if r_in < rank_in:  # more rank than the data has directions: the fit is exact already
+        reduce = np.pad(reduce, [(0, rank_in - r_in), (0, 0)])
+        core = np.pad(core, [(0, 0), (0, rank_in - r_in), (0, 0)])
+    norms = np.linalg.norm(reduce, axis=1)
+    norms[norms == 0] = 1.0
+    reduce, core = reduce / norms[:, None], core * norms[None, :, None]
+    return Tucker2Fit(
+        Tucker2(reduce, core.reshape(core.shape[0], rank_in, *kernel), q,
+                None if bias is None else np.asarray(bias, np.float64)),
+        errors,
+    )
+
+
+def fit_error(weight: np.ndarray, sigma: np.ndarray | None, rank: int,
+              rank_out: int | None = None, alpha: float = DEFAULT_SHRINK,
+              iters: int = DEFAULT_ALS_ITERS) -> float:
+    """Estimated relative output error of the best fit at these ranks under the input moment
+    (`sigma=None`: of the weights): `mode=in` (`rank_out=None`) in closed form from the
+    whitened spectrum, `mode=in-out` by Tucker-2 ALS. What a planner compares per MAC to
+    choose a layer's mode; the same whitened norm for both, so the numbers are comparable."""
+    if rank_out is None:
+        spectrum = (svd_spectrum(weight) if sigma is None
+                    else whitened_spectrum(weight, sigma, alpha))
+        return spectrum.relative_error(rank)
+    return tucker2_als(weight, sigma, rank, rank_out, iters=iters, alpha=alpha).error
+
+
 def tucker2_reconstruct(t: Tucker2) -> np.ndarray:
     return reconstruct(Factors(t.reduce, np.einsum("oa,a...->o...", t.restore, t.core), t.bias))
+
+
+def predict_rows(fit: Factors | Tucker2, patches: np.ndarray) -> np.ndarray:
+    """The factorized layer's outputs `[n, O]` from patches of its reduced input `[n, r·K]`."""
+    if isinstance(fit, Tucker2):
+        kernel = np.einsum("oa,a...->o...", fit.restore, fit.core)
+    else:
+        kernel = fit.kernel
+    out = patches @ kernel.reshape(kernel.shape[0], -1).T
+    return out if fit.bias is None else out + fit.bias
+
+
+def scale_outputs(fit: Factors | Tucker2, scale: np.ndarray, shift: np.ndarray
+                  ) -> Factors | Tucker2:
+    """`y ← scale·y + shift` per output channel, folded into the last conv and its bias."""
+    bias = (np.zeros(len(scale)) if fit.bias is None else fit.bias) * scale + shift
+    if isinstance(fit, Tucker2):
+        return Tucker2(fit.reduce, fit.core, fit.restore * scale[:, None], bias)
+    kernel = fit.kernel * scale.reshape(-1, *([1] * (fit.kernel.ndim - 1)))
+    return Factors(fit.reduce, kernel, bias)
+
+
+def post_activation_fit(fit: Factors | Tucker2, patches: np.ndarray, targets: np.ndarray,
+                        activation: str) -> tuple[Factors | Tucker2, float, float]:
+    """Refit each output channel's scale and shift so that `act(ŷ)` matches `act(y)` on kept
+    rows (see `activation_affine`); returns the new fit and the relative post-activation error
+    before and after (on those rows)."""
+    act = ACTIVATIONS[activation][0]
+    pred = predict_rows(fit, patches)
+    goal = act(np.asarray(targets, np.float64))
+    norm = float(np.linalg.norm(goal)) or 1.0
+    before = float(np.linalg.norm(act(pred) - goal)) / norm
+    scale, shift = activation_affine(pred, targets, activation)
+    after = float(np.linalg.norm(act(pred * scale + shift) - goal)) / norm
+    return scale_outputs(fit, scale, shift), before, after
 
 
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:

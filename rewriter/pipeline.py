@@ -24,8 +24,14 @@ from rewriter.calibration import (
 from rewriter.context import PassContext
 from rewriter.cost import ModelCost, model_cost
 from rewriter.errors import InternalCheckError, ResourceLimitError, UsageError
-from rewriter.fidelity import output_fidelity, summarize
-from rewriter.finite import finite_part, new_nonfinite_tensors, nonfinite_outputs, within
+from rewriter.evidence import (
+    few_samples_warning,
+    narrow_calibration_warnings,
+    split_for_choices,
+)
+from rewriter.fidelity import task_fidelity
+from rewriter.finite import new_nonfinite_tensors, nonfinite_outputs, within
+from rewriter.groups import OutputGroup, bind_groups, coerce_groups, format_groups
 from rewriter.io import META_SOURCE, load
 from rewriter.limits import check_memory, feed_bytes, sample_bytes
 from rewriter.report import PassReport, RunReport
@@ -114,13 +120,24 @@ def rewrite(
     log: Callable[[str], None] | None = None,
     distill: Mapping[str, Any] | str | None = None,
     evaluate: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None = None,
+    groups: str | Sequence[str | OutputGroup] | None = None,
+    metric: Any = None,
+    max_drop: float | None = None,
+    min_samples: int | None = None,
 ) -> RewriteResult:
     """Run `passes` in order on `model` (changed in place and returned in the result).
 
     `distill` (options such as `{"steps": 500, "lr": 1e-3}`, or `{}` for defaults) trains the
     weights the passes created against the original's outputs afterwards (torch extra).
     `evaluate` (same forms as `calib`, e.g. a labelled test set) is where fidelity is measured;
-    without it, the held-out part of the calibration data is used.
+    without it, the held-out part of the calibration data is used; when a step chooses on the
+    held-out part (target=auto, a fitted dense head, distillation), a third *report* split that
+    no choice saw is carved from the calibration data for the headline.
+    `groups` (`"output0:box=0-3+cls=4-13"` or a list of `OutputGroup`) overrides the automatic
+    output groups; `metric` (`"module:function"`, `"file.py:function"` or a callable taking a
+    model path) is evaluated on the original once and on the rewritten model, and drives
+    target=auto with `max_drop` as its limit; `min_samples` is the fewest held-out samples a
+    choice may be made on (default 16).
     """
     from passes import get_pass
 
@@ -130,6 +147,17 @@ def rewrite(
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     specs = [parse_pass_spec(p) for p in passes]
     pass_types = [get_pass(s.name) for s in specs]  # unknown names fail before any work
+    _check_last(specs, pass_types, distill is not None)
+    given_groups = coerce_groups(groups)  # bad group text fails before any work
+    loaded_metric = None
+    if metric is not None:
+        from rewriter.usermetric import load_metric
+
+        loaded_metric = load_metric(metric)
+    context = PassContext(input_shapes=shapes, seed=seed, log=log, max_drop=max_drop)
+    if min_samples is not None:
+        context.min_samples = int(min_samples)
+    instances = [t(s.options, context) for s, t in zip(specs, pass_types, strict=True)]
 
     data = None
     if calib is not None:
@@ -151,18 +179,22 @@ def rewrite(
     before = analysis_cost(model, shapes)
     report.macs_before, report.params_before = before.macs, before.params
 
-    context = PassContext(input_shapes=shapes, seed=seed, log=log)
+    context.input_shapes = shapes
+    report_split: CalibrationSet | None = None
+    chooses = distill is not None or any(p.chooses_on_holdout() for p in instances)
     if data is not None:
         context.fit, context.holdout = data.split(holdout, seed)
+        if chooses and evaluate is None and data.n >= 3:
+            context.fit, context.holdout, report_split = split_for_choices(data, holdout, seed)
         if data.synthetic:
             report.warnings.append(
                 "calibration data is random: data-aware results mean little, "
                 "fidelity is a smoke test"
             )
-        log(
-            f"calibration: {data.n} samples from {data.source} "
-            f"({context.fit.n} fit, {context.holdout.n} held out)"
-        )
+        parts = f"{context.fit.n} fit, {context.holdout.n} held out"
+        if report_split is not None:
+            parts = f"{context.fit.n} fit, {context.holdout.n} select, {report_split.n} report"
+        log(f"calibration: {data.n} samples from {data.source} ({parts})")
 
     guard_inputs = _guard_inputs(model, context, shapes, seed) if guard else None
     if guard and guard_inputs is None:
@@ -172,11 +204,27 @@ def rewrite(
             "or --calib so each pass is checked in onnxruntime"
         )
     reference = _guard_reference(model, guard_inputs, report)
+    original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
+    if reference is not None:
+        numeric = {k: v for k, v in reference.items() if _is_numeric(v)}  # strings: no groups
+        context.groups = bind_groups(given_groups, numeric)
+        report.options["groups"] = format_groups(context.groups) or None
+        log("output groups: " + "; ".join(g.describe() for g in context.groups))
+    else:
+        context.groups = list(given_groups)
+    if data is not None:
+        held_reference = reference if context.holdout is not None else None
+        report.warnings.extend(narrow_calibration_warnings(data, held_reference, seed))
+    if loaded_metric is not None:
+        context.metric = loaded_metric
+        log(f"metric {loaded_metric.spec}: evaluating the original")
+        context.metric_baseline = loaded_metric.evaluate_model(original)
     discarded: list[str] = []
-    for spec, pass_type in zip(specs, pass_types, strict=True):
+    for spec, instance in zip(specs, instances, strict=True):
         log(f"pass {spec}")
-        instance = pass_type(spec.options, context)
         snapshot = model.clone() if guard else None  # tensors are shared
+        context.before = snapshot if reference is not None else None  # facts a pass may reuse
+        context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
         report.passes.append(instance.report)
         if snapshot is None or not instance.report.n_applied:
@@ -184,7 +232,9 @@ def rewrite(
         try:
             _check_weights(model, f"pass '{spec.name}'")
             if reference is not None:
-                reference = _check_pass(model, instance.report, reference, guard_inputs)
+                reference = _check_pass(
+                    model, instance.report, reference, guard_inputs, context.groups
+                )
         except InternalCheckError as exc:
             _restore(model, snapshot)
             instance.report.metrics["discarded"] = True
@@ -192,21 +242,57 @@ def rewrite(
             report.warnings.append(f"internal check failed: {exc}")
             discarded.append(str(exc))
             log(f"pass {spec}: {exc}")
+    context.before = context.reference = None
+    final_outputs = original_outputs is not None and reference
     if distill is not None:
         report.passes.append(_distill(original, model, context, distill))
         _check_weights(model, "distillation")
+        final_outputs = None
     _record_provenance(model, specs)
 
     after = analysis_cost(model, shapes)
     report.macs_after, report.params_after = after.macs, after.params
     if evaluate is not None and report.passes:
         eval_data = load_calibration(evaluate, model, input_shapes=shapes, seed=seed)
-        report.fidelity = measure_fidelity(original, model, eval_data)
-        report.fidelity["dataset"] = eval_data.source
+        report.fidelity = measure_fidelity(original, model, eval_data, context.groups)
+        report.fidelity.update(dataset=eval_data.source, split="eval")
+    elif report_split is not None and report.passes:
+        report.fidelity = measure_fidelity(original, model, report_split, context.groups)
+        report.fidelity.update(
+            dataset="report split of the calibration data (no choice saw it)", split="report"
+        )
     elif context.holdout is not None and report.passes:
-        report.fidelity = measure_fidelity(original, model, context.holdout)
-        report.fidelity["dataset"] = "held-out calibration samples"
+        report.fidelity = measure_fidelity(original, model, context.holdout, context.groups,
+                                           original_outputs, final_outputs or None)
+        report.fidelity.update(dataset="held-out calibration samples", split="holdout")
+        if chooses:
+            report.warnings.append(
+                "a step chose on the held-out samples the fidelity was measured on: the "
+                "figures are optimistic (give --eval data)"
+            )
+    if report.fidelity is not None:
+        warning = few_samples_warning(report.fidelity.get("samples"), report.fidelity["dataset"])
+        if warning:
+            report.warnings.append(warning)
+    if loaded_metric is not None and context.metric_baseline is not None:
+        from rewriter.usermetric import metric_summary
+
+        after = loaded_metric.evaluate_model(model) if report.passes else None
+        report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
+
+
+def _check_last(specs: Sequence[PassSpec], pass_types: Sequence[type], distill: bool) -> None:
+    """A pass that must run last (quantize) refuses a pass or distillation after it."""
+    for i, pass_type in enumerate(pass_types):
+        if not getattr(pass_type, "runs_last", False):
+            continue
+        if i + 1 < len(specs):
+            raise UsageError(f"pass '{specs[i].name}' must run last: '{specs[i + 1].name}' "
+                             f"follows it (put {specs[i].name} at the end of the pipeline)")
+        if distill:
+            raise UsageError(f"pass '{specs[i].name}' must run last: distillation cannot "
+                             "follow it (drop --distill or the quantize pass)")
 
 
 def analysis_cost(
@@ -217,11 +303,17 @@ def analysis_cost(
 
 
 def measure_fidelity(
-    original: ir.Model, rewritten: ir.Model, data: CalibrationSet
+    original: ir.Model,
+    rewritten: ir.Model,
+    data: CalibrationSet,
+    groups: Sequence[OutputGroup] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    candidate: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Fidelity metrics of `rewritten` against `original` on `data` (held-out samples)."""
-    ref = runtime.run_all(original, data.inputs)
-    got = runtime.run_all(rewritten, data.inputs)
+    """Per-group fidelity of `rewritten` against `original` on `data` (held-out samples);
+    outputs the run already computed on `data` may be passed instead of recomputed."""
+    ref = reference if reference is not None else runtime.run_all(original, data.inputs)
+    got = candidate if candidate is not None else runtime.run_all(rewritten, data.inputs)
     bad = nonfinite_outputs(ref, got)
     if bad:
         name, count = bad[0]
@@ -229,16 +321,19 @@ def measure_fidelity(
             f"the rewritten model's output '{name}' has {count} NaN/inf values on {data.source} "
             "where the input model's are finite; nothing written"
         )
-    numeric = [name for name, array in ref.items() if _is_numeric(array)]
-    for name in set(ref) - set(numeric):
+    for name in [k for k, v in ref.items() if not _is_numeric(v)]:
         if not np.array_equal(ref[name], got[name]):
             raise InternalCheckError(f"the rewritten model changed non-numeric output '{name}' "
                                      f"on {data.source}; nothing written")
-    result = output_fidelity({k: ref[k] for k in numeric}, {k: got[k] for k in numeric},
-                             data.labels)
+    ref, got, groups = _numeric_only(ref, got, groups)
+    result = task_fidelity(ref, got, groups, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
+
+
+def _holdout_inputs(context: PassContext) -> dict[str, np.ndarray] | None:
+    return context.holdout.inputs if context.holdout is not None else None
 
 
 def _guard_inputs(
@@ -309,8 +404,9 @@ def _check_pass(
     report: PassReport,
     reference: dict[str, np.ndarray],
     inputs: dict[str, np.ndarray],
+    groups: Sequence[OutputGroup] = (),
 ) -> dict[str, np.ndarray]:
-    """Fail loudly when a pass moved outputs beyond its own declared bound."""
+    """Fail loudly when a pass moved any output group beyond its own declared bound."""
     try:
         outputs = runtime.run_all(model, inputs)
     except ResourceLimitError:
@@ -320,10 +416,7 @@ def _check_pass(
         raise InternalCheckError(
             f"pass '{report.name}' produced a model onnxruntime cannot run: {message}"
         ) from None
-    from rewriter.fidelity import compare_arrays
-
     bound = exact_tolerance(reference.values()) if report.exact else report.error_bound
-    per_output = {}
     for name, ref in reference.items():
         got = outputs[name]
         if ref.shape != got.shape:
@@ -334,26 +427,37 @@ def _check_pass(
             if not np.array_equal(ref, got):
                 raise InternalCheckError(f"pass '{report.name}' changed non-numeric output "
                                          f"'{name}'; its output is discarded")
-            continue
-        per_output[name] = compare_arrays(*finite_part(ref, got))
     bad = nonfinite_outputs(reference, outputs)
     if bad:
         raise InternalCheckError(
             f"pass '{report.name}' made output '{bad[0][0]}' NaN/inf at {bad[0][1]} positions "
             "where the input model's is finite; its output is discarded"
         )
-    worst = summarize(per_output)
-    report.metrics["guard_rel_l2"] = worst.get("rel_l2")
-    if bound is not None and not within(worst.get("rel_l2", 0.0), bound):
+    numeric_ref, numeric_got, numeric_groups = _numeric_only(reference, outputs, groups)
+    fidelity = task_fidelity(numeric_ref, numeric_got, numeric_groups)
+    worst = max(fidelity["groups"].items(), key=lambda kv: kv[1]["rel_l2"], default=None)
+    report.metrics["guard_rel_l2"] = worst[1]["rel_l2"] if worst else None
+    if bound is not None and worst is not None and not within(worst[1]["rel_l2"], bound):
         raise InternalCheckError(
-            f"pass '{report.name}' declared output error <= {bound:g} but moved outputs by "
-            f"rel L2 {worst['rel_l2']:.3g}; its output is discarded"
+            f"pass '{report.name}' declared output error <= {bound:g} but moved output group "
+            f"{worst[0]} by rel L2 {worst[1]['rel_l2']:.3g}; its output is discarded"
         )
     return outputs
 
 
 def _is_numeric(array: np.ndarray) -> bool:
     return np.asarray(array).dtype.kind in "biuf"
+
+
+def _numeric_only(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    groups: Sequence[OutputGroup] | None,
+) -> tuple[dict, dict, list[OutputGroup] | None]:
+    """Outputs (and groups over them) that hold numbers: strings are compared for equality."""
+    keep = [k for k, v in reference.items() if _is_numeric(v)]
+    kept_groups = None if groups is None else [g for g in groups if g.output in keep]
+    return ({k: reference[k] for k in keep}, {k: candidate[k] for k in keep}, kept_groups)
 
 
 def _check_weights(model: ir.Model, who: str) -> None:
@@ -372,13 +476,14 @@ def _distill(
     from rewriter.distill import distill, parse_distill_options
 
     parsed = parse_distill_options(options)  # bad options fail before any work
-    before = measure_fidelity(original, model, context.holdout) if context.holdout else None
+    groups = context.groups
+    before = measure_fidelity(original, model, context.holdout, groups) if context.holdout else None
     step = distill(
         original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
     )
     if before is not None:
         step.metrics["fidelity_before"] = before
-        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout)
+        step.metrics["fidelity_after"] = measure_fidelity(original, model, context.holdout, groups)
     return step
 
 

@@ -99,7 +99,10 @@ def print_run_report(report: RunReport, console: Console, limit: int = 30) -> No
             console.print(f"  note: {note}")
     console.print(_totals_line(report))
     if report.fidelity:
-        console.print(_fidelity_line(report.fidelity))
+        for line in fidelity_lines(report.fidelity):
+            console.print(line)
+    if report.metric:
+        console.print(metric_line(report.metric))
     if report.latency:
         console.print(_latency_line(report.latency))
     for gate in report.gates:
@@ -120,18 +123,45 @@ def _totals_line(report: RunReport) -> str:
     )
 
 
-def _fidelity_line(f: dict[str, Any]) -> str:
+def fidelity_lines(f: dict[str, Any]) -> list[str]:
+    """Headline (the worst output group, named), then one line per group; whole-tensor numbers
+    stay in the JSON."""
     where = f.get("dataset") or "held-out calibration samples"
-    parts = [
-        f"fidelity on {f.get('samples', '?')} samples ({where}): cosine {f['cosine']:.5f}",
-        f"rel L2 {f['rel_l2']:.4f}",
-        f"SQNR {f['sqnr_db']:.1f} dB",
-    ]
+    worst = f.get("worst") or {}
+    head = f"fidelity on {f.get('samples', '?')} samples ({where})"
+    if worst:
+        head += f": worst group {worst['group']}, {_group_numbers(worst)}"
+    parts = [head]
     if "top1_agreement" in f:
         parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
     if "accuracy_before" in f:
         parts.append(f"accuracy {f['accuracy_before']:.2%} -> {f['accuracy_after']:.2%}")
+    lines = [", ".join(parts)]
+    groups = f.get("groups") or {}
+    if len(groups) > 1:
+        for label, g in groups.items():
+            lines.append(f"  group {label} (rows {g['rows']}, {g['kind']}): {_group_numbers(g)}")
+    return lines
+
+
+def _group_numbers(g: dict[str, Any]) -> str:
+    sqnr = "inf" if g.get("sqnr_db") is None else f"{g['sqnr_db']:.1f}"
+    parts = [f"cosine {g['cosine']:.5f}", f"rel L2 {g['rel_l2']:.4f}", f"SQNR {sqnr} dB"]
+    if g.get("kind") == "score":
+        parts.append(f"max abs {g['max_abs']:.3g}")
+        for t in ("0.25", "0.5"):
+            if f"flip@{t}" in g:
+                parts.append(f"flip@{t} {g[f'flip@{t}']:.2%} of {g[f'decisions@{t}']}")
+    parts.append(f"task error {g['task_error']:.4g}")
     return ", ".join(parts)
+
+
+def metric_line(m: dict[str, Any]) -> str:
+    """The user's metric: both values and the drop of its primary value."""
+    line = f"metric {m['spec']} ({m['primary']}): original {m['before']:.4f}"
+    if "after" in m:
+        line += f" -> rewritten {m['after']:.4f} (drop {m['drop']:+.4f})"
+    return line + f", {m['calls']} evaluation(s)"
 
 
 def _latency_line(lat: dict[str, Any]) -> str:
@@ -146,7 +176,9 @@ def run_report_markdown(report: RunReport) -> str:
     """The report as Markdown (for `--report out.md` and CI summaries)."""
     lines = [f"# onexone report: {report.model or 'model'}", "", _totals_line(report), ""]
     if report.fidelity:
-        lines += [_fidelity_line(report.fidelity), ""]
+        lines += [f"- {line.strip()}" for line in fidelity_lines(report.fidelity)] + [""]
+    if report.metric:
+        lines += [metric_line(report.metric), ""]
     if report.latency:
         lines += [_latency_line(report.latency), ""]
     for gate in report.gates:

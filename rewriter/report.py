@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 
 
 @dataclass
@@ -91,6 +91,8 @@ class RunReport:
     file_size_after: int | None = None
     fidelity: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    #: The user's metric (`--metric`): both values, the drop and how often it ran.
+    metric: dict[str, Any] | None = None
     gates: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -114,6 +116,7 @@ class RunReport:
             "passes": [p.to_dict() for p in self.passes],
             "fidelity": jsonable(self.fidelity),
             "latency": jsonable(self.latency),
+            "metric": jsonable(self.metric),
             "gates": jsonable(self.gates),
             "warnings": list(self.warnings),
             "tool": jsonable(self.tool),

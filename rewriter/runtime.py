@@ -18,6 +18,9 @@ from rewriter.errors import OnexoneError
 
 _IN_MEMORY_LIMIT = 1_500_000_000  # bytes of weights; above it the session loads from a temp file
 
+#: onnxruntime sessions opened by this process (what a run costs; read by benchmarks and tests).
+SESSIONS_OPENED = 0
+
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
@@ -49,6 +52,8 @@ def make_session(
     from rewriter.limits import check_loops, sample_bytes
 
     check_loops(model)  # a constant trip count of 2^62 is refused before it can hang a run
+    global SESSIONS_OPENED
+    SESSIONS_OPENED += 1
     options = session_options(threads, optimize)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)

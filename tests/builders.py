@@ -54,3 +54,28 @@ def conv_model(
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path
+
+
+def channel_low_rank_kernel(rng: np.random.Generator, o: int, c: int, kernel: Sequence[int],
+                            rank: int) -> np.ndarray:
+    """A conv kernel of exactly `rank` along its input channels (rank-r bottlenecks are exact)."""
+    k = int(np.prod(kernel))
+    w = np.einsum("ork,rc->ock", rng.standard_normal((o, rank, k)), rng.standard_normal((rank, c)))
+    return (0.1 * w).reshape(o, c, *kernel).astype(np.float32)
+
+
+def spatial_low_rank_kernel(rng: np.random.Generator, o: int, c: int, kernel: Sequence[int],
+                            rank: int) -> np.ndarray:
+    """A 2-D kernel `[O, C, kh, kw]` of exactly `rank` as `[(c, i), (o, j)]` (a kx1 then 1xk
+    pair of that rank is exact)."""
+    kh, kw = kernel
+    m = rng.standard_normal((c * kh, rank)) @ rng.standard_normal((rank, o * kw))
+    return (0.1 * m).reshape(c, kh, o, kw).transpose(2, 0, 1, 3).astype(np.float32)
+
+
+def with_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    """Replace the initializer `name` by `array` (in place; returns the model)."""
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(array, name))
+    return model

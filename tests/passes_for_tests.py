@@ -34,10 +34,14 @@ class PerturbPass(RewritePass):
     @dataclass
     class Options(PassOptions):
         eps: float = option(0.01, "relative change of every Conv weight")
+        only: str = option("", "only Conv nodes whose name contains this (all when empty)")
 
     def apply(self, model: ir.Model) -> None:
         namer = Namer(model)
         for node in nodes_by_op(model, ["Conv"]):
+            if self.options.only not in node.name:
+                self.report.skipped(node.name, node.op_type, f"name lacks {self.options.only!r}")
+                continue
             weight = const_array(node.inputs[1])
             if weight is None:
                 self.report.skipped(node.name, node.op_type, "weight computed at run time")

@@ -285,7 +285,7 @@ def test_report_has_estimates_measurements_and_sensitivity_with_calibration():
     report = result.report.passes[0]
     assert report.metrics["init"] == "refit" and report.metrics["layers_rewritten"] == 3
     for decision in report.decisions:
-        for key in ("rank", "estimated_rel_error", "measured_rel_error", "sensitivity_rel_error"):
+        for key in ("rank", "estimated_rel_error", "measured_rel_error", "sensitivity_task_error"):
             assert key in decision.details, key
     assert report.metrics["model_macs_removed_share"] > 0.4
     assert result.report.fidelity["cosine"] > 0.8  # random deep layers are not low rank
@@ -304,7 +304,7 @@ def test_target_and_energy_select_ranks():
 
 
 def test_target_auto_keeps_the_cosine_floor():
-    calib = _calib(64)
+    calib = _calib(96)  # >= 16 samples in the select split, the rest fit and report
     spec = "bottleneck:target=auto,min-cosine=0.995,round=4,auto-steps=4"
     result = rewrite(load(_relu_stack()), [spec], calib=calib)
     report = result.report.passes[0]
@@ -463,3 +463,76 @@ def test_latency_objective_real_timing_has_the_report_structure():
     out = checked_proto(result.model)
     x = np.random.default_rng(0).standard_normal((1, 16, 6, 6)).astype(np.float32)
     assert _outputs(out, {"x": x})[0].shape == (1, 16, 6, 6)
+
+
+# ------------------------------------------------------------------------------ method=auto
+
+
+def test_method_auto_needs_a_global_budget():
+    with pytest.raises(PassError, match="method=auto"):
+        rewrite(load(_relu_stack()), ["bottleneck:method=auto,ratio=0.5"])
+
+
+def test_method_auto_allocates_on_measured_errors_over_every_method():
+    result = rewrite(load(_relu_stack()), ["bottleneck:method=auto,target=0.4,init=whitened,"
+                                           "measure-ranks=2"], calib=_calib(32))
+    report = result.report.passes[0]
+    assert report.metrics["allocation"] == "measured" and report.metrics["mode"] == "auto"
+    applied = [d for d in report.decisions if d.applied]
+    assert applied
+    for decision in applied:
+        grid = decision.details["task_error_grid"]
+        assert {k.split()[0] for k in grid} >= {"rank", "spatial"}  # both kinds were measured
+        assert decision.details["task_error"] in grid.values()
+    assert "whole_model_error" in report.metrics
+    removed = report.metrics["model_macs_removed_share"]
+    assert removed >= 0.4 or report.metrics.get("backed_off")
+    checked_proto(result.model)
+
+
+def test_max_layer_error_caps_every_layer_and_says_the_target_is_out_of_reach():
+    result = rewrite(load(_relu_stack()), ["bottleneck:target=0.6,allocate=measured,"
+                                           "max-layer-error=1e-6,init=whitened"],
+                     calib=_calib(32))
+    report = result.report.passes[0]
+    assert not any(d.applied for d in report.decisions)
+    assert all(d.reason.startswith("every rank above max-layer-error") for d in report.decisions)
+    assert any("not reachable" in n for n in report.notes)
+
+
+@needs_digits
+@pytest.mark.slow
+def test_digits_method_auto_keeps_the_predictions():
+    calib = dict(np.load(TRAINED / "digits_calib.npz"))
+    data = CalibrationSet({"input": calib["input"][:96]}, calib["labels"][:96], "digits")
+    result = rewrite(load(DIGITS), ["fold-bn", "bottleneck:method=auto,target=0.5,"
+                                               "measure-ranks=2,init=whitened"], calib=data)
+    metrics = result.report.passes[-1].metrics
+    assert metrics["model_macs_removed_share"] >= 0.4
+    assert result.report.fidelity["cosine"] > 0.99
+    methods = {d.details.get("method", "in") for d in result.report.passes[-1].decisions
+               if d.applied}
+    assert methods  # the plan records which factorization each layer got
+
+
+DETECTOR = TRAINED / "detector.onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DETECTOR.exists(), reason="trained detector not built (engineer det)")
+def test_detector_measured_allocation_keeps_detections():
+    """Allocation on measured task errors, on the trained detector, judged by detections."""
+    from rewriter.detection import decode, detection_f1
+
+    calib = dict(np.load(TRAINED / "detector_calib.npz"))
+    test = dict(np.load(TRAINED / "detector_test.npz"))
+    data = CalibrationSet({"images": calib["images"][:48]}, source="detector_calib")
+    result = rewrite(load(DETECTOR), ["bottleneck:target=0.2,allocate=measured,measure-ranks=2,"
+                                      "init=whitened"], calib=data)
+    report = result.report.passes[0]
+    assert report.metrics["allocation"] == "measured"
+    assert all("task_error_grid" in d.details for d in report.decisions if d.applied)
+    feeds = {"images": test["images"][:16]}
+    ref = decode(runtime.run_all(result.original, feeds)["output0"])
+    got = decode(runtime.run_all(result.model, feeds)["output0"])
+    assert np.mean([detection_f1(r, g) for r, g in zip(ref, got, strict=True)]) >= 0.8

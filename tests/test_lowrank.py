@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,183 @@ def test_allocation_takes_cheap_error_first_and_stops_at_target():
     alloc = lowrank.allocate_ranks([cheap, costly], 120)
     assert alloc.ranks["a"] == 4 and "b" in alloc.ranks and alloc.macs_saved >= 120
     assert not lowrank.allocate_ranks([cheap], 1000).reached
+
+
+def _rank_deficient_inputs(rng, c: int, d: int, n: int = 400) -> np.ndarray:
+    """`[n, C]` channel vectors spanning only d < C directions, one channel dead."""
+    mix = rng.standard_normal((c, d)) * np.linspace(0.2, 3.0, d)
+    x = rng.standard_normal((n, d)) @ mix.T
+    x[:, 0] = 0.0  # a dead channel (e.g. a pruned or always-negative ReLU input)
+    return x
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5, 6, 9])
+def test_whitening_attains_the_best_output_error_on_rank_deficient_inputs(rank):
+    rng = np.random.default_rng(11)
+    c, d, o = 12, 6, 7
+    x = _rank_deficient_inputs(rng, c, d)
+    w = rng.standard_normal((o, c, 3, 3))
+    m = lowrank.unfold_input(w)  # [C, O·K]
+    sigma = x.T @ x / len(x)
+    factors = lowrank.whitened_init(w, sigma, rank, alpha=0.0)
+    assert factors.reduce.shape == (rank, c) and np.all(np.isfinite(factors.reduce))
+    approx = lowrank.unfold_input(lowrank.reconstruct(factors))
+    got = np.linalg.norm(x @ (m - approx))
+    # Eckart-Young: no rank-r kernel can do better than the tail of the outputs' spectrum
+    s = np.linalg.svd(x @ m, compute_uv=False)
+    best = np.sqrt(np.sum(s[rank:] ** 2))
+    assert got == pytest.approx(best, rel=1e-7, abs=1e-7 * np.linalg.norm(x @ m))
+
+
+def test_whitening_ignores_directions_the_data_never_takes():
+    rng = np.random.default_rng(12)
+    c, d = 10, 4
+    x = _rank_deficient_inputs(rng, c, d)
+    sigma = x.T @ x / len(x)
+    w = rng.standard_normal((8, c, 3, 3))
+    p = lowrank.whitened_init(w, sigma, 3, alpha=0.0).reduce
+    vals, vecs = np.linalg.eigh(sigma)
+    null = vecs[:, vals < 1e-9 * vals.max()]
+    assert null.shape[1] == c - d
+    # rows are unit norm and carry nothing along the null space: noise there is not amplified
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0)
+    assert np.abs(p @ null).max() < 1e-8
+    assert np.linalg.cond(p) < 1e3
+    white = lowrank.whitening(sigma)
+    assert white.rank == np.linalg.matrix_rank(sigma)
+    np.testing.assert_allclose(white.root.T @ white.root, sigma, atol=1e-9 * vals.max())
+
+
+def test_whitening_of_an_all_zero_input_stays_finite():
+    w = np.random.default_rng(13).standard_normal((4, 3, 3, 3))
+    factors = lowrank.whitened_init(w, np.zeros((3, 3)), 2, alpha=0.0)
+    assert factors.reduce.shape == (2, 3) and np.all(np.isfinite(factors.kernel))
+
+
+def _whitened_error(w: np.ndarray, approx: np.ndarray, x: np.ndarray) -> float:
+    """Relative error of the per-offset outputs `xᵀ M` over channel vectors x `[n, C]`."""
+    m, a = lowrank.unfold_input(w), lowrank.unfold_input(approx)
+    return float(np.linalg.norm(x @ (m - a)) / np.linalg.norm(x @ m))
+
+
+def test_tucker2_als_is_monotone_bounded_and_beats_sequential_truncation():
+    rng = np.random.default_rng(14)
+    c, o = 16, 20
+    x = rng.standard_normal((600, c)) @ (rng.standard_normal((c, c)) * np.linspace(0.1, 2, c))
+    sigma = x.T @ x / len(x)
+    w = rng.standard_normal((o, c, 3, 3))
+    fit = lowrank.tucker2_als(w, sigma, 6, 8, iters=25, alpha=0.0, stop=0.0)
+    assert 3 <= len(fit.errors) <= 26  # init + a bounded number of sweeps
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(fit.errors))  # raw, per sweep
+    assert fit.errors[-1] < fit.errors[0]  # the alternation improved on its init
+    t = fit.tucker
+    assert t.reduce.shape == (6, c) and t.core.shape == (8, 6, 3, 3) and t.restore.shape == (o, 8)
+    got = _whitened_error(w, lowrank.tucker2_reconstruct(t), x)
+    assert got == pytest.approx(fit.error, rel=1e-6)  # the reported error is the real one
+    # the old way: whitened `in` factors, then the kernel split by its own SVD
+    seq = lowrank.restore_outputs(lowrank.whitened_init(w, sigma, 6, alpha=0.0), 8)
+    assert got < _whitened_error(w, lowrank.tucker2_reconstruct(seq), x)
+    assert lowrank.fit_error(w, sigma, 6, 8, alpha=0.0) == pytest.approx(fit.error, rel=1e-3)
+
+
+def test_tucker2_als_full_ranks_are_exact_and_stop_early():
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal((5, 4, 3, 3))
+    x = _rank_deficient_inputs(rng, 4, 3)
+    fit = lowrank.tucker2_als(w, x.T @ x / len(x), 4, 5, alpha=0.0)
+    assert fit.error < 1e-7 and len(fit.errors) <= 3
+    assert _whitened_error(w, lowrank.tucker2_reconstruct(fit.tucker), x) < 1e-7
+    data_free = lowrank.tucker2_als(w, None, 4, 5)
+    assert lowrank.relative_error(w, lowrank.tucker2_reconstruct(data_free.tucker)) < 1e-10
+
+
+def test_fit_error_in_mode_is_the_whitened_spectrum_tail():
+    rng = np.random.default_rng(16)
+    w = rng.standard_normal((6, 8, 3, 3))
+    x = rng.standard_normal((300, 8)) * np.linspace(0.1, 3, 8)
+    sigma = x.T @ x / len(x)
+    factors = lowrank.whitened_init(w, sigma, 3, alpha=0.0)
+    got = _whitened_error(w, lowrank.reconstruct(factors), x)
+    assert lowrank.fit_error(w, sigma, 3, alpha=0.0) == pytest.approx(got, rel=1e-6)
+
+
+def test_bias_correction_matches_the_mean_output():
+    rng = np.random.default_rng(17)
+    c, o = 6, 5
+    x = rng.standard_normal((4, c, 10, 10)) + np.linspace(-2, 3, c)[None, :, None, None]
+    w = rng.standard_normal((o, c, 3, 3))
+    b = rng.standard_normal(o)
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (0, 0, 0, 0))
+    approx = lowrank.svd_init(w, 2, b)
+    w_hat = lowrank.reconstruct(approx)
+    positions = lowrank.sample_positions(4, (8, 8), None, np.random.default_rng(0))
+    patches = lowrank.gather_patches(x, window, (8, 8), positions)
+    y = _conv(x, w, b, window)
+    shift_before = np.abs(_conv(x, w_hat, b, window).mean(axis=(0, 2, 3)) - y.mean((0, 2, 3)))
+    mean_patch = patches.mean(axis=0).reshape(c, 3, 3)
+    fixed = lowrank.corrected_bias(w, w_hat, b, mean_patch)
+    after = _conv(x, w_hat, fixed, window).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(after, y.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert shift_before.max() > 0.1  # there was a shift to correct
+    moment = lowrank.SecondMoment(c)
+    moment.add(x)  # the channel mean alone gets close (borders aside)
+    coarse = lowrank.corrected_bias(w, w_hat, b, moment.mean())
+    shift_coarse = np.abs(_conv(x, w_hat, coarse, window).mean(axis=(0, 2, 3)) - y.mean((0, 2, 3)))
+    assert shift_coarse.max() < 0.5 * shift_before.max()
+
+
+def test_activation_affine_lowers_the_post_silu_error_and_never_raises_it():
+    rng = np.random.default_rng(18)
+    y = rng.standard_normal((2000, 4)) * 2 - 0.5
+    pred = 0.8 * y + 0.3 + 0.05 * rng.standard_normal(y.shape)  # shrunk and shifted
+    pred[:, 3] = y[:, 3]  # an exact channel stays exact
+    scale, shift = lowrank.activation_affine(pred, y, "Silu")
+    before = np.sum((lowrank.silu(pred) - lowrank.silu(y)) ** 2, axis=0)
+    after = np.sum((lowrank.silu(pred * scale + shift) - lowrank.silu(y)) ** 2, axis=0)
+    assert np.all(after <= before + 1e-12)
+    assert np.all(after[:3] < 0.2 * before[:3])
+    np.testing.assert_allclose([scale[3], shift[3]], [1.0, 0.0], atol=1e-6)
+    grad = (lowrank.silu(y + 1e-6) - lowrank.silu(y - 1e-6)) / 2e-6
+    np.testing.assert_allclose(lowrank.silu_grad(y), grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_post_activation_fit_lowers_the_error_after_silu_on_the_real_conv(tucker):
+    rng = np.random.default_rng(19)
+    c, o = 8, 6
+    w = rng.standard_normal((o, c, 3, 3)) * 0.4
+    b = rng.standard_normal(o) - 1.0
+    x = rng.standard_normal((4, c, 10, 10))
+    window = lowrank.Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    y = _conv(x, w, b, window)
+    start = lowrank.svd_init(w, 3)
+    acc = lowrank.RefitAccumulator(start.reduce, o, window, max_positions=150, keep_rows=250)
+    acc.add(x[:2], y[:2])
+    acc.add(x[2:], y[2:])
+    patches, targets = acc.kept_rows()
+    assert patches.shape == (250, 3 * 9) and targets.shape == (250, o)
+    fit = acc.solve(0.0)
+    if tucker:
+        fit = lowrank.restore_outputs(fit, 4, acc.equations.input_moment())
+    new, before, after = lowrank.post_activation_fit(fit, patches, targets, "Silu")
+    assert after <= before
+    # measured on the whole maps through real convolutions, not only on the kept rows
+    def post(f):
+        kernel = (np.einsum("oa,a...->o...", f.restore, f.core) if tucker else f.kernel)
+        z = np.einsum("rc,nc...->nr...", f.reduce, x)
+        return lowrank.silu(_conv(z, kernel, f.bias, window))
+    ref = lowrank.silu(y)
+    assert lowrank.relative_error(ref, post(new)) < lowrank.relative_error(ref, post(fit))
+
+
+def test_in_out_error_estimate_is_the_als_init_and_bounds_als():
+    rng = np.random.default_rng(20)
+    w = rng.standard_normal((12, 10, 3, 3))
+    x = rng.standard_normal((300, 10)) * np.linspace(0.2, 2, 10)
+    sigma = x.T @ x / len(x)
+    spectrum = lowrank.whitened_spectrum(w, sigma, alpha=0.0)
+    fit = lowrank.tucker2_als(w, sigma, 4, 6, alpha=0.0)
+    estimate = spectrum.in_out_error(4, 6, 12)
+    assert estimate == pytest.approx(fit.errors[0], rel=1e-9)
+    assert fit.error <= estimate
+    assert spectrum.in_out_error(4, 12, 12) == pytest.approx(spectrum.relative_error(4))

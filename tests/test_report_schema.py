@@ -25,7 +25,7 @@ def validate(data: dict) -> None:
 def test_schema_is_valid_and_matches_the_code_version():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     major, minor = SCHEMA_VERSION.split(".")
-    assert major == "1" and minor.isdigit()
+    assert major == "2" and minor.isdigit()
 
 
 def test_full_report_validates(tmp_path):
@@ -49,7 +49,7 @@ def test_full_report_validates(tmp_path):
 def test_minimal_report_validates_and_broken_ones_do_not():
     data = RunReport(model=None).to_dict()
     validate(data)
-    for key, bad in (("macs_before", 1.5), ("schema_version", "2.0"), ("gates", [{"name": "x"}])):
+    for key, bad in (("macs_before", 1.5), ("schema_version", "3.0"), ("gates", [{"name": "x"}])):
         broken = dict(data, **{key: bad})
         with pytest.raises(jsonschema.ValidationError):
             validate(broken)
@@ -67,3 +67,20 @@ def test_identical_outputs_infinite_sqnr_is_null_and_valid(tmp_path):
     data = json.loads(result.report.to_json())
     validate(data)
     assert data["fidelity"]["sqnr_db"] is None and data["fidelity"]["cosine"] == 1.0
+
+
+def test_detector_report_with_groups_and_metric_validates(tmp_path):
+    import tests.passes_for_tests  # noqa: F401
+    from tests.detector_builder import detector_images, synthetic_detector
+
+    model = synthetic_detector(tmp_path / "det.onnx")
+    result = rewriter.rewrite(model, ["test-perturb:eps=-0.1,only=cls_head"],
+                              calib={"images": detector_images(24)},
+                              metric="tests.metric_for_tests:evaluate")
+    report = result.report
+    report.gates = evaluate_gates(report, max_drop=0.01, min_cosine=0.99)
+    data = json.loads(report.to_json())
+    validate(data)
+    assert set(data["fidelity"]["groups"]) == {"output0:value", "output0:score"}
+    assert data["metric"]["calls"] == 2
+    assert {g["name"] for g in data["gates"]} == {"max-drop", "min-cosine", "max-flip"}

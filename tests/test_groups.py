@@ -1,0 +1,170 @@
+"""Output groups and task fidelity: the automatic rule, the user syntax, the worst-group error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewriter.errors import UsageError
+from rewriter.fidelity import flip_rate, task_error, task_fidelity
+from rewriter.groups import (
+    OutputGroup,
+    bind_groups,
+    coerce_groups,
+    find_groups,
+    format_groups,
+    parse_groups,
+)
+
+
+def detector_output(n: int = 8, classes: int = 10, anchors: int = 400, seed: int = 0,
+                    transposed: bool = False) -> np.ndarray:
+    """A YOLOv8-like `[N, 4 + C, A]` output: box pixels (cx, cy, w, h), then sigmoid scores."""
+    rng = np.random.default_rng(seed)
+    centers = rng.uniform(0, 320, size=(n, 2, anchors))
+    sizes = rng.uniform(8, 120, size=(n, 2, anchors))
+    logits = rng.normal(-6.0, 2.0, size=(n, classes, anchors))
+    logits[:, :, :20] += 8.0  # a few confident anchors per image
+    out = np.concatenate([centers, sizes, 1 / (1 + np.exp(-logits))], axis=1).astype(np.float32)
+    return out.transpose(0, 2, 1).copy() if transposed else out
+
+
+def test_yolo_layout_gives_box_rows_and_score_rows():
+    groups = find_groups({"output0": detector_output()})
+    assert [(g.name, g.axis, g.start, g.stop, g.kind) for g in groups] == [
+        ("value", 1, 0, 4, "value"),
+        ("score", 1, 4, 14, "score"),
+    ]
+    assert [g.label for g in groups] == ["output0:value", "output0:score"]
+
+
+def test_transposed_detector_layout_splits_the_last_axis():
+    groups = find_groups({"output0": detector_output(transposed=True)})
+    assert [(g.axis, g.start, g.stop, g.kind) for g in groups] == [
+        (2, 0, 4, "value"),
+        (2, 4, 14, "score"),
+    ]
+
+
+def test_unbounded_rows_of_different_scale_are_split():
+    rng = np.random.default_rng(1)
+    pixels = rng.normal(0, 300, size=(4, 2, 50))
+    offsets = rng.normal(0, 1.0, size=(4, 3, 50))
+    groups = find_groups({"y": np.concatenate([pixels, offsets], axis=1)})
+    assert [(g.name, g.start, g.stop) for g in groups] == [("value1", 0, 2), ("value2", 2, 5)]
+
+
+def test_uniform_and_small_outputs_are_one_group():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(16, 10)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    groups = find_groups({"logits": logits, "probs": probs, "n": np.array([3.0])})
+    assert [(g.label, g.axis, g.kind) for g in groups] == [
+        ("logits", None, "value"),
+        ("probs", None, "score"),
+        ("n", None, "value"),
+    ]
+
+
+def test_parse_user_groups_round_trips():
+    groups = parse_groups("output0:box=0-3+cls=4-13/score")
+    assert groups == [
+        OutputGroup("output0", "box", 1, 0, 4, "value", kind_from_data=True),
+        OutputGroup("output0", "cls", 1, 4, 14, "score"),
+    ]
+    two = parse_groups("a:axis=2+x=0-1,b:y=5")
+    assert [(g.output, g.axis, g.start, g.stop) for g in two] == [("a", 2, 0, 2), ("b", 1, 5, 6)]
+    auto = find_groups({"output0": detector_output()})
+    assert parse_groups(format_groups(auto)) == auto
+    assert coerce_groups(["output0:box=0-3", auto[1]])[1] == auto[1]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("box=0-3", "expected OUTPUT:NAME"),
+        ("out:box=3-0", "ends before it starts"),
+        ("out:box=0-3+cls=3-5", "overlap"),
+        ("out:box", "is not NAME=START-STOP"),
+        ("out:box=0-3|cls=4-13", "is not NAME=START-STOP"),
+        ("out:axis=0+box=0-3", "sample axis"),
+        ("out:box=0-1+box=2-3", "given twice"),
+    ],
+)
+def test_bad_group_text_names_the_problem(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_groups(text)
+
+
+def test_bind_reads_kind_off_data_and_covers_the_rest():
+    ref = {"output0": detector_output(), "other": np.ones((8, 3))}
+    bound = bind_groups(parse_groups("output0:cls=4-13"), ref)
+    assert [(g.label, g.start, g.stop, g.kind) for g in bound] == [
+        ("output0:rest1", 0, 4, "value"),
+        ("output0:cls", 4, 14, "score"),
+        ("other", 0, None, "score"),
+    ]
+    with pytest.raises(UsageError, match="no output 'nope'"):
+        bind_groups(parse_groups("nope:x=0-1"), ref)
+    with pytest.raises(UsageError, match="past output 'output0'"):
+        bind_groups(parse_groups("output0:x=0-14"), ref)
+
+
+def test_flip_rate_counts_over_the_union_only():
+    ref = np.zeros(1000)
+    got = np.zeros(1000)
+    ref[:10] = 0.9
+    got[:9] = 0.9  # one of ten detections lost among 990 background positions
+    rate, union = flip_rate(ref, got, 0.5)
+    assert union == 10 and rate == pytest.approx(0.1)
+    assert flip_rate(ref, ref, 0.5) == (0.0, 10)
+    assert flip_rate(np.zeros(5), np.zeros(5), 0.5) == (0.0, 0)
+
+
+def _perturb_scores(ref: np.ndarray, seed: int = 3) -> np.ndarray:
+    """Lose a share of the confident class decisions; boxes untouched."""
+    got = ref.copy()
+    confident = np.argwhere(got[:, 4:, :] > 0.5)
+    rng = np.random.default_rng(seed)
+    lost = confident[rng.choice(len(confident), size=len(confident) // 10, replace=False)]
+    got[lost[:, 0], lost[:, 1] + 4, lost[:, 2]] = 0.1
+    return got
+
+
+def test_lost_scores_dominate_task_error_while_whole_tensor_cosine_passes():
+    ref = detector_output()
+    got = _perturb_scores(ref)
+    fid = task_fidelity({"output0": ref}, {"output0": got})
+    whole = fid["whole_tensor"]["outputs"]["output0"]["cosine"]
+    assert whole > 0.9997  # the whole tensor sees nothing
+    assert fid["worst"]["group"] == "output0:score"
+    assert fid["groups"]["output0:value"]["cosine"] == 1.0
+    assert fid["flip@0.5"] >= 0.05
+    assert fid["task_error"] >= 0.025 > 1 - 0.99
+    assert task_error({"output0": ref}, {"output0": got}) == pytest.approx(fid["task_error"])
+    assert fid["samples"] == 8 and fid["groups"]["output0:score"]["samples"] == 8
+    assert fid["groups"]["output0:score"]["decisions@0.5"] > 0
+
+
+def test_identical_outputs_are_exact():
+    ref = {"output0": detector_output()}
+    fid = task_fidelity(ref, ref)
+    assert fid["task_error"] == 0.0 and fid["cosine"] == 1.0 and fid["flip@0.25"] == 0.0
+    assert task_error(ref, ref) == 0.0
+
+
+def test_scale_drift_counts_though_cosine_is_one():
+    ref = {"y": np.random.default_rng(4).normal(size=(8, 16))}
+    fid = task_fidelity(ref, {"y": ref["y"] * 0.7})
+    assert fid["cosine"] == pytest.approx(1.0)
+    assert fid["task_error"] == pytest.approx(0.3**2 / 2)
+
+
+def test_classifier_outputs_keep_agreement_and_accuracy():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(20, 4))
+    labels = np.argmax(logits, axis=1)
+    fid = task_fidelity({"logits": logits}, {"logits": logits + 0.01}, labels=labels)
+    assert fid["top1_agreement"] == 1.0 and fid["accuracy_before"] == 1.0
+    assert fid["outputs"]["logits"]["top1_agreement"] == 1.0
+    assert list(fid["groups"]) == ["logits"]
