@@ -59,6 +59,12 @@ def layer_macs_after(layer: ConvLayer, rank: Rank, emitted: Emitted | None) -> i
     return after - reduce + emitted.producer_macs_delta
 
 
+def _kept_energy(energy, r: int) -> float:
+    """Energy kept at rank r; a spectrum shorter than r (degenerate data: rank-deficient
+    covariance) keeps all of it."""
+    return float(energy[min(r, len(energy)) - 1]) if len(energy) else 0.0
+
+
 def layer_details(layer: ConvLayer, rank: Rank, spectra: Mapping, measured: Mapping[int, float],
                   sensitivity: Mapping[int, float], emitted: Emitted | None = None) -> dict:
     """The per-layer numbers of a decision (estimated, measured, sensitivity, merge)."""
@@ -67,7 +73,7 @@ def layer_details(layer: ConvLayer, rank: Rank, spectra: Mapping, measured: Mapp
                      "estimated_rel_error": (
                          spectrum.relative_error(rank.r) if rank.r_out is None
                          else spectrum.in_out_error(rank.r, rank.r_out, layer.out_channels)),
-                     "kept_energy": float(spectrum.energy()[rank.r - 1])}
+                     "kept_energy": _kept_energy(spectrum.energy(), rank.r)}
     if rank.method != "in":
         details["method"] = rank.method
     if rank.r_out is not None:

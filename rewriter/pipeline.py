@@ -245,7 +245,8 @@ def rewrite(
     reference = _guard_reference(model, guard_inputs, report)
     original_outputs = reference if guard_inputs is _holdout_inputs(context) else None
     if reference is not None:
-        context.groups = bind_groups(given_groups, reference)
+        numeric = {k: v for k, v in reference.items() if _is_numeric(v)}  # strings: no groups
+        context.groups = bind_groups(given_groups, numeric)
         report.options["groups"] = format_groups(context.groups) or None
         log("output groups: " + "; ".join(g.describe() for g in context.groups))
     else:
@@ -262,7 +263,7 @@ def rewrite(
         set_stage(f"pass {number}/{len(specs)} {spec.name}")
         log(f"pass {spec}")
         snapshot = model.clone() if guard else None  # tensors are shared
-        context.before = snapshot  # run facts the pass may reuse instead of recomputing
+        context.before = snapshot if reference is not None else None  # facts a pass may reuse
         context.reference = reference if guard_inputs is _holdout_inputs(context) else None
         instance(model)
         report.passes.append(instance.report)
@@ -361,13 +362,12 @@ def measure_fidelity(
             f"the rewritten model's output '{name}' has {count} NaN/inf values on {data.source} "
             "where the input model's are finite; nothing written"
         )
-    numeric = [name for name, array in ref.items() if _is_numeric(array)]
-    for name in set(ref) - set(numeric):
+    for name in [k for k, v in ref.items() if not _is_numeric(v)]:
         if not np.array_equal(ref[name], got[name]):
             raise InternalCheckError(f"the rewritten model changed non-numeric output '{name}' "
                                      f"on {data.source}; nothing written")
-    result = task_fidelity(_finite_view({k: ref[k] for k in numeric}),
-                           _finite_view({k: got[k] for k in numeric}, ref), groups, data.labels)
+    ref, got, groups = _numeric_only(ref, got, groups)
+    result = task_fidelity(_finite_view(ref), _finite_view(got, ref), groups, data.labels)
     result["samples"] = data.n
     result["synthetic"] = data.synthetic
     return result
@@ -457,7 +457,6 @@ def _check_pass(
         raise InternalCheckError(
             f"pass '{report.name}' produced a model onnxruntime cannot run: {message}"
         ) from None
-
     bound = exact_tolerance(reference.values()) if report.exact else report.error_bound
     for name, ref in reference.items():
         got = outputs[name]
@@ -475,10 +474,9 @@ def _check_pass(
             f"pass '{report.name}' made output '{bad[0][0]}' NaN/inf at {bad[0][1]} positions "
             "where the input model's is finite; its output is discarded"
         )
-    numeric = {k: v for k, v in reference.items() if _is_numeric(v)}
-    fidelity = task_fidelity(_finite_view(numeric),
-                             _finite_view({k: outputs[k] for k in numeric}, reference),
-                             [g for g in groups if g.output in numeric])
+    numeric_ref, numeric_got, numeric_groups = _numeric_only(reference, outputs, groups)
+    fidelity = task_fidelity(_finite_view(numeric_ref), _finite_view(numeric_got, numeric_ref),
+                             numeric_groups)
     worst = max(fidelity["groups"].items(), key=lambda kv: kv[1]["rel_l2"], default=None)
     report.metrics["guard_rel_l2"] = worst[1]["rel_l2"] if worst else None
     if bound is not None and worst is not None and not within(worst[1]["rel_l2"], bound):
@@ -505,6 +503,17 @@ def _finite_view(
 
 def _is_numeric(array: np.ndarray) -> bool:
     return np.asarray(array).dtype.kind in "biuf"
+
+
+def _numeric_only(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    groups: Sequence[OutputGroup] | None,
+) -> tuple[dict, dict, list[OutputGroup] | None]:
+    """Outputs (and groups over them) that hold numbers: strings are compared for equality."""
+    keep = [k for k, v in reference.items() if _is_numeric(v)]
+    kept_groups = None if groups is None else [g for g in groups if g.output in keep]
+    return ({k: reference[k] for k in keep}, {k: candidate[k] for k in keep}, kept_groups)
 
 
 def _check_weights(model: ir.Model, who: str) -> None:
