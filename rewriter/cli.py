@@ -203,6 +203,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Cons
     from rewriter.paths import check_run_paths
 
     check_run_paths(args, model)  # no output may replace an input, before any work
+    from rewriter.validate import check_output_suffixes
+
+    check_output_suffixes(args)
     if args.analyze:
         return _analyze(model, shapes, args, console)
     from rewriter.job import run_job

@@ -130,16 +130,15 @@ def _check_gates(args: argparse.Namespace) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    for path in args.report or []:
-        if Path(path).suffix.lower() not in REPORT_SUFFIXES:
-            raise UsageError(
-                f"--report {path}: unknown suffix (write .json or .md)"
-            )
+    from rewriter.paths import check_run_paths
+
+    # Overlaps first: "--report m.onnx would overwrite the input model" says more than its
+    # suffix. An existing file is judged again once the model's data files are known.
+    check_run_paths(args)
+    check_output_suffixes(args, existing=False)
     if args.plot is not None:
         from rewriter.extras import require
 
-        if Path(args.plot).suffix.lower() != ".png":
-            raise UsageError(f"--plot {args.plot}: the plot is a PNG (write a .png path)")
         require("matplotlib", "plot", "--plot")
     if args.output is not None and Path(args.output).is_dir():
         raise UsageError(f"-o {args.output}: is a folder; give the output model's file name")
@@ -153,3 +152,16 @@ def _check_paths(args: argparse.Namespace) -> None:
             from rewriter.extras import require_image_decoder
 
             require_image_decoder()
+
+
+def check_output_suffixes(args: argparse.Namespace, existing: bool = True) -> None:
+    """Reports are .json or .md, the plot a .png; `existing=False` leaves paths that exist
+    to the later check (after the path-overlap check, which names what they would replace)."""
+    for path in args.report or []:
+        if (existing or not Path(path).exists()) and \
+                Path(path).suffix.lower() not in REPORT_SUFFIXES:
+            raise UsageError(f"--report {path}: unknown suffix (write .json or .md)")
+    plot = getattr(args, "plot", None)
+    if plot is not None and (existing or not Path(plot).exists()) and \
+            Path(plot).suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: the plot is a PNG (write a .png path)")

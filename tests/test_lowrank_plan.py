@@ -76,4 +76,6 @@ def test_tucker_estimate_counts_the_output_truncation():
     assert both > only_in
     out_side = svd_spectrum(np.ascontiguousarray(
         layer.weight.transpose(1, 0, 2, 3))).relative_error(16)  # [C, O·K] of the transpose
-    assert np.isclose(both, np.hypot(only_in, out_side), rtol=1e-6)
+    # Tucker-2 truncates both modes: no better than either truncation alone, no worse than
+    # truncating them one after the other (the HOSVD bound that its ALS fit improves on).
+    assert max(only_in, out_side) - 1e-9 <= both <= np.hypot(only_in, out_side) + 1e-9

@@ -153,14 +153,15 @@ def test_input_model_masks_may_keep_inf(tmp_path):
 
 
 def test_refit_with_nan_ridge_fails_closed(tmp_path, capfd):
-    """bottleneck refit with ridge=nan: NaN factors are caught, exit 1, no model."""
+    """bottleneck refit with ridge=nan: refused as an option (exit 2) before any work, so no
+    NaN factor is ever fitted; no model."""
     path = tmp_path / "b.onnx"
     onnx.save(conv_model(["n", 16, 8, 8], 16, [3, 3], pads=[1] * 4, relu=True), path)
     x = np.random.default_rng(0).standard_normal((32, 16, 8, 8)).astype(np.float32)
     out = tmp_path / "o.onnx"
     result = run_main(capfd, path, "--pass", "bottleneck:ridge=nan,init=refit", "--calib",
                       calib_npz(tmp_path, x=x), "-o", out)
-    assert result.returncode == 1 and "NaN/inf" in result.stderr, result.stderr
+    assert result.returncode == 2 and "ridge=nan" in result.stderr, result.stderr
     assert not out.exists()
 
 
