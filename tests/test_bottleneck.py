@@ -519,7 +519,6 @@ DETECTOR = TRAINED / "detector.onnx"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DETECTOR.exists(), reason="trained detector not built (engineer det)")
 def test_detector_measured_allocation_keeps_detections():
     """Allocation on measured task errors, on the trained detector, judged by detections."""
     from rewriter.detection import decode, detection_f1
