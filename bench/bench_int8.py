@@ -34,7 +34,7 @@ from rewriter import load
 from rewriter.bench import NO_SPINNING, ab_latency, machine_info
 from rewriter.io import save
 from rewriter.pipeline import rewrite
-from rewriter.runtime import run_batched, session_options
+from rewriter.runtime import session_options
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "int8.json"
@@ -78,12 +78,10 @@ def variants(max_calls: int) -> dict[str, list[str]]:
 
 
 def _outputs(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    parts: dict[str, list[np.ndarray]] = {}
-    for out in run_batched(session, inputs):
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    """All outputs of the model file at `path` on `inputs` (onnxruntime CPU)."""
+    from rewriter.runtime import run_file
+
+    return run_file(path, inputs)
 
 
 def digits_case() -> Case:

@@ -401,16 +401,9 @@ def _fixed_batch(proto: onnx.ModelProto) -> int:
 
 def _outputs(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """All outputs of the model file at `path` on `inputs` (onnxruntime CPU)."""
-    import onnxruntime as ort
+    from rewriter.runtime import run_file
 
-    from rewriter.runtime import run_batched, session_options
-
-    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    parts: dict[str, list[np.ndarray]] = {}
-    for out in run_batched(session, inputs):
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+    return run_file(path, inputs)
 
 
 def _rel_l2(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:

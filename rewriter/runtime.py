@@ -229,7 +229,21 @@ def run_all(
     model: ir.Model, inputs: Mapping[str, np.ndarray], batch_size: int = 32
 ) -> dict[str, np.ndarray]:
     """All graph outputs for all samples, concatenated (for fidelity on held-out data)."""
-    session = make_session(model, optimize=True)
+    return run_session_all(make_session(model, optimize=True), inputs, batch_size)
+
+
+def run_file(
+    path: str | os.PathLike, inputs: Mapping[str, np.ndarray], batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """`run_all` for a model file made by another tool (onnxruntime's quantizer, a user's)."""
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    return run_session_all(session, inputs, batch_size)
+
+
+def run_session_all(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """All outputs of `session` for all samples, run in batches and concatenated."""
     parts: dict[str, list[np.ndarray]] = {}
     for out in run_batched(session, inputs, None, batch_size):
         for k, v in out.items():
