@@ -34,7 +34,7 @@ from rewriter.passes.base import PassOptions, RewritePass, option
 from rewriter import int8_exclusion as blocks
 from rewriter.context import PassContext
 from rewriter.errors import PassError
-from rewriter.fidelity import task_error
+from rewriter.fidelity import task_error, worst_group_rel_l2
 from rewriter.int8 import StaticQuantizer, preprocess, prune_opset_imports, upgrade_opset
 
 #: Default task-error gate: the worst output group's error on the `1 - cosine` scale
@@ -248,7 +248,8 @@ class ExclusionSearch:
         elif self.error > opts.max_error:
             report.note(f"task error {self.error:.4g} above max-error {opts.max_error:g} "
                         "(auto-exclude=false)")
-        self.rel_l2 = _rel_l2(self.reference, _outputs(path, holdout.inputs))
+        self.rel_l2 = worst_group_rel_l2(self.reference, _outputs(path, holdout.inputs),
+                                         getattr(ctx, "groups", None))
         return path
 
     def _error(self, path: Path) -> float:
@@ -404,12 +405,6 @@ def _outputs(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     from rewriter.runtime import run_file
 
     return run_file(path, inputs)
-
-
-def _rel_l2(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
-    from rewriter.fidelity import compare_arrays
-
-    return max(compare_arrays(ref, candidate[k])["rel_l2"] for k, ref in reference.items())
 
 
 def _quantized_nodes(proto: onnx.ModelProto) -> set[str]:

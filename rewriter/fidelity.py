@@ -190,6 +190,17 @@ def task_error(
     )
 
 
+def worst_group_rel_l2(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    groups: Sequence[OutputGroup] | None = None,
+) -> float:
+    """The largest relative L2 error over the output groups: what the numerical guard bounds,
+    so a pass that declares its own bound must measure it the same way."""
+    groups_metrics = task_fidelity(reference, candidate, groups)["groups"].values()
+    return max((g["rel_l2"] for g in groups_metrics), default=0.0)
+
+
 def task_fidelity(
     reference: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
