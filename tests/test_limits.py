@@ -58,15 +58,13 @@ def loop_model(path, *, computed_trips: bool = False):
                                   ["--pass", "fold-bn"]])
 def test_constant_loop_of_2_62_iterations_fails_fast(tmp_path, args):
     path = loop_model(tmp_path / "loop.onnx")
-    started = time.perf_counter()
+    # A hang is caught by the subprocess timeout (it raises), not by timing the run.
     result = rewrite_cli(path, *args, "-o", tmp_path / "o.onnx", timeout=60)
-    elapsed = time.perf_counter() - started
     if result.returncode == 0:  # --analyze never runs the model: it may just finish
         assert args == ["--analyze"] and "Traceback" not in result.stderr
     else:
         assert_one_line_error(result, "'loop' (Loop)", "ONEXONE_MAX_LOOP_ITERATIONS")
     assert not (tmp_path / "o.onnx").exists()
-    assert elapsed < 60
 
 
 def test_loop_with_computed_trip_count_stopped_by_the_clock(tmp_path, monkeypatch):
