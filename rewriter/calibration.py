@@ -96,7 +96,7 @@ def load_calibration(
     else:
         path = Path(spec)
         if not path.exists():
-            raise CalibrationError(f"--calib {spec}: no such file or folder")
+            raise CalibrationError(f"calib {spec}: no such file or folder")
         if path.is_dir():
             from rewriter.images import load_image_folder
 
@@ -107,22 +107,22 @@ def load_calibration(
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
             except Exception as exc:
-                raise CalibrationError(f"--calib {spec}: cannot read npz ({exc})") from None
+                raise CalibrationError(f"calib {spec}: cannot read npz ({exc})") from None
             data = _from_mapping(arrays, specs, str(spec))
         elif path.suffix == ".npy":
             if len(specs) != 1:
                 raise CalibrationError(
-                    f"--calib {spec}: a .npy serves single-input models; this one has inputs "
+                    f"calib {spec}: a .npy serves single-input models; this one has inputs "
                     f"{[s.name for s in specs]} (use a .npz keyed by input name)"
                 )
             try:
                 array = np.load(path, allow_pickle=False)
             except Exception as exc:
-                raise CalibrationError(f"--calib {spec}: cannot read npy ({exc})") from None
+                raise CalibrationError(f"calib {spec}: cannot read npy ({exc})") from None
             data = _from_mapping({specs[0].name: array}, specs, str(spec))
         else:
             raise CalibrationError(
-                f"--calib {spec}: expected .npz, .npy, a folder of images, or 'random'"
+                f"calib {spec}: expected .npz, .npy, a folder of images, or 'random'"
             )
     _check_against_model(data, specs)
     _check_values(data)
@@ -140,9 +140,9 @@ def _check_npz_size(path: Path, label: str) -> None:
         with zipfile.ZipFile(path) as archive:
             total = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CalibrationError(f"--calib {label}: cannot read npz ({exc})") from None
+        raise CalibrationError(f"calib {label}: cannot read npz ({exc})") from None
     # Loading, the dtype cast and the fit/held-out split each hold a copy.
-    check_memory(3 * total, f"--calib {label}: {total} bytes of arrays once decompressed "
+    check_memory(3 * total, f"calib {label}: {total} bytes of arrays once decompressed "
                  "(3 copies while loading and splitting)")
 
 
@@ -154,7 +154,7 @@ def _check_values(data: CalibrationSet) -> None:
         bad = bad_samples(array)
         if len(bad):
             raise CalibrationError(
-                f"--calib {data.source}: input '{name}' has {len(bad)} of {len(array)} samples "
+                f"calib {data.source}: input '{name}' has {len(bad)} of {len(array)} samples "
                 f"with NaN, inf or |value| > {MAX_ABS:g} (first: sample {int(bad[0])}); "
                 "fix or remove them"
             )
@@ -165,7 +165,7 @@ def _numeric(array: np.ndarray, what: str, source: str) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":
         raise CalibrationError(
-            f"--calib {source}: {what} holds {array.dtype} values, not numbers"
+            f"calib {source}: {what} holds {array.dtype} values, not numbers"
         )
     return array
 def is_stream(spec: object) -> bool:
@@ -226,13 +226,13 @@ def _from_mapping(
         labels = _numeric(labels, "'labels'", source)
         if labels.ndim != 1:
             raise CalibrationError(
-                f"--calib {source}: 'labels' must hold one class index per sample (shape [N]), "
+                f"calib {source}: 'labels' must hold one class index per sample (shape [N]), "
                 f"not shape {list(labels.shape)}"
             )
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise CalibrationError(
-            f"--calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
+            f"calib {source}: no array for model input(s) {missing}; found {sorted(arrays)}"
         )
     inputs = {}
     for s in specs:
@@ -260,17 +260,17 @@ def _random(
             dims[0] = 1
         if any(d is None for d in dims):
             raise CalibrationError(
-                f"--calib random: input '{s.name}' has dynamic dims {list(s.shape)}; "
+                f"calib random: input '{s.name}' has dynamic dims {list(s.shape)}; "
                 f"give --input-shape {s.name}:..."
             )
         if not dims:
             raise CalibrationError(
-                f"--calib random: input '{s.name}' is a scalar (no sample axis); give data "
+                f"calib random: input '{s.name}' is a scalar (no sample axis); give data "
                 "in a .npz instead"
             )
         sample = [n, *dims[1:]]
         check_memory(int(np.prod(sample, dtype=object)) * s.dtype.itemsize,
-                     f"--calib random: {n} samples of input '{s.name}' {sample}")
+                     f"calib random: {n} samples of input '{s.name}' {sample}")
         if np.issubdtype(s.dtype, np.floating):
             inputs[s.name] = rng.standard_normal(sample).astype(s.dtype)
         else:
@@ -285,10 +285,10 @@ def _check_against_model(data: CalibrationSet, specs: list[InputSpec]) -> None:
     counts = {k: len(v) for k, v in data.inputs.items()}
     if len(set(counts.values())) > 1:
         raise CalibrationError(
-            f"--calib {data.source}: inputs have different sample counts {counts}"
+            f"calib {data.source}: inputs have different sample counts {counts}"
         )
     if data.n == 0:
-        raise CalibrationError(f"--calib {data.source}: no samples")
+        raise CalibrationError(f"calib {data.source}: no samples")
     for s in specs:
         got = data.inputs[s.name].shape
         want = s.shape
@@ -296,12 +296,12 @@ def _check_against_model(data: CalibrationSet, specs: list[InputSpec]) -> None:
             w is not None and w != g for w, g in zip(want[1:], got[1:], strict=False)
         ):
             raise CalibrationError(
-                f"--calib {data.source}: input '{s.name}' has shape {list(got)}, model expects "
+                f"calib {data.source}: input '{s.name}' has shape {list(got)}, model expects "
                 f"{['?' if d is None else d for d in want]}"
             )
     if data.labels is not None and len(data.labels) != data.n:
         raise CalibrationError(
-            f"--calib {data.source}: {len(data.labels)} labels for {data.n} samples"
+            f"calib {data.source}: {len(data.labels)} labels for {data.n} samples"
         )
 
 

@@ -22,6 +22,7 @@ from rewriter.errors import (
     EXIT_USAGE,
     OnexoneError,
     UsageError,
+    in_cli_terms,
 )
 
 __all__ = ["EXIT_FAILURE", "EXIT_GATE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt(), quiet_libraries():
             return run(args, parser, console)
     except OnexoneError as exc:
-        print(f"rewrite: error: {exc}", file=sys.stderr)
+        print(f"rewrite: error: {in_cli_terms(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("rewrite: interrupted; nothing written", file=sys.stderr)

@@ -22,6 +22,7 @@ from rewriter.errors import (  # noqa: F401  (exit codes re-exported for callers
     EXIT_USAGE,
     OnexoneError,
     UsageError,
+    in_cli_terms,
 )
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     try:
         return run_compare(args, console)
     except OnexoneError as exc:
-        print(f"rewrite compare: error: {exc}", file=sys.stderr)
+        print(f"rewrite compare: error: {in_cli_terms(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("rewrite compare: interrupted", file=sys.stderr)

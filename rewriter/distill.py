@@ -4,15 +4,19 @@ model's outputs match the original's on unlabeled calibration inputs.
 The teacher is the original model run once in onnxruntime; the student is the rewritten IR run
 by the torch executor (`rewriter.torch_exec`). Loss: mean squared error per output, divided by the
 teacher output's mean square so several outputs weigh alike. Seeded sampling and init make runs
-repeatable. Trained values are written back by name, and only when they did better on the
-held-out samples than the untrained ones (the data-free result stands otherwise).
+repeatable. With output groups (a detector's box rows and class-score rows, `rewriter.groups`) the
+loss is per group instead, each group's squared error divided by its own teacher mean square, so the
+small [0, 1] class scores weigh as much as the pixel boxes (a per-output loss trains the boxes and
+leaves the scores, the task, untrained). Trained values are written back by name, and only when
+they did better on the held-out samples than the untrained ones (the data-free result stands
+otherwise).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +26,7 @@ import onnx_ir as ir
 from rewriter import runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.errors import PassError
+from rewriter.groups import OutputGroup
 from rewriter.options import option, parse_options
 from rewriter.progress import Counter
 from rewriter.report import PassReport
@@ -82,6 +87,7 @@ def distill(
     *,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    groups: Sequence[OutputGroup] = (),
 ) -> PassReport:
     """Train `model`'s new weights in place against `original`'s outputs; the step's report."""
     opts = options if isinstance(options, DistillOptions) else parse_distill_options(options)
@@ -101,11 +107,11 @@ def distill(
     if not trainable:
         report.skipped("model", "distill", "no weights to train (no pass created new weights)")
         return report
-    _train(original, model, fit, holdout or fit, trainable, opts, seed, log, report)
+    _train(original, model, fit, holdout or fit, trainable, opts, seed, log, report, groups)
     return report
 
 
-def _train(original, model, fit, holdout, trainable, opts, seed, log, report) -> None:
+def _train(original, model, fit, holdout, trainable, opts, seed, log, report, groups) -> None:
     import torch
 
     from rewriter.torch_exec import to_torch, write_back
@@ -115,17 +121,22 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
     teacher_hold = runtime.run_all(original, holdout.inputs)
     module = to_torch(model, trainable)
     names = module.output_names
-    scales = {n: max(float(np.mean(np.square(teacher_fit[n], dtype=np.float64))), 1e-12)
-              for n in names}
+    terms = loss_terms(names, groups, teacher_fit)
+    report.metrics["loss_terms"] = [label for _, _, label, _ in terms]
 
     def loss_on(inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]) -> Any:
         outs = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()
                          if k in module.input_names})
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return sum(
-            torch.mean((out - torch.from_numpy(targets[n])) ** 2) / scales[n]
-            for n, out in zip(names, outs, strict=True)
-        ) / len(names)
+        outs = dict(zip(names, outs if isinstance(outs, tuple) else (outs,), strict=True))
+        total = 0.0
+        for name, rows, _, scale in terms:
+            got, want = outs[name], torch.from_numpy(targets[name])
+            if rows is not None:
+                axis, start, stop = rows
+                got, want = got.narrow(axis, start, stop - start), want.narrow(axis, start,
+                                                                                stop - start)
+            total = total + torch.mean((got - want) ** 2) / scale
+        return total / len(terms)
 
     def held_out_loss() -> float:
         with torch.no_grad():
@@ -178,3 +189,35 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report) ->
                        "untrained weights kept")
     log(f"distill: held-out loss {before:.4g} -> {after:.4g}"
         + ("" if improved or opts.keep_worse else " (worse: kept the untrained weights)"))
+
+
+LossTerm = tuple[str, "tuple[int, int, int] | None", str, float]
+
+
+def loss_terms(
+    names: Sequence[str], groups: Sequence[OutputGroup], teacher: Mapping[str, np.ndarray]
+) -> list[LossTerm]:
+    """(output, (axis, start, stop) or None, label, teacher mean square) per loss term.
+
+    One term per output group of a distilled output, one per whole output without groups; the
+    scale is floored so an all-zero group cannot divide by zero.
+    """
+    terms: list[LossTerm] = []
+    for name in names:
+        array = teacher[name]
+        mine = [g for g in groups if g.output == name and g.axis is not None
+                and g.axis < array.ndim]
+        if not mine:
+            terms.append((name, None, name, _mean_square(array)))
+            continue
+        for group in mine:
+            axis = group.axis
+            assert axis is not None
+            stop = array.shape[axis] if group.stop is None else group.stop
+            part = np.take(array, np.arange(group.start, stop), axis=axis)
+            terms.append((name, (axis, group.start, stop), group.label, _mean_square(part)))
+    return terms
+
+
+def _mean_square(array: np.ndarray) -> float:
+    return max(float(np.mean(np.square(array, dtype=np.float64))), 1e-12)

@@ -63,3 +63,15 @@ class DetectionError(OnexoneError):
 class ResourceLimitError(OnexoneError):
     """A run would exceed a time or memory limit; the message names the limit and how to raise
     it (exit code 1)."""
+
+
+def in_cli_terms(exc: OnexoneError) -> str:
+    """The message as the command line says it: the API's `calib X:` is the flag `--calib X:`.
+
+    The library speaks the Python API's terms (`rewrite(..., calib=...)`); only the CLI, which
+    knows it was given a flag, renames the argument.
+    """
+    message = str(exc)
+    if isinstance(exc, CalibrationError) and message.startswith(("calib ", "calib:")):
+        return "--" + message
+    return message

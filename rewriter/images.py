@@ -139,19 +139,19 @@ def load_image_folder(
     folder = Path(folder)
     if len(specs) != 1:
         raise CalibrationError(
-            f"--calib {folder}: an image folder serves single-input models; this one has inputs "
+            f"calib {folder}: an image folder serves single-input models; this one has inputs "
             f"{[s.name for s in specs]} (use a .npz keyed by input name)"
         )
     spec = specs[0]
     if len(spec.shape) != 4:
         raise CalibrationError(
-            f"--calib {folder}: input '{spec.name}' has rank {len(spec.shape)}; images need rank 4"
+            f"calib {folder}: input '{spec.name}' has rank {len(spec.shape)}; images need rank 4"
         )
     p = parse_preprocess(preprocess)
     size = p.size or _model_size(spec, p.layout)
     if size is None:
         raise CalibrationError(
-            f"--calib {folder}: input '{spec.name}' has dynamic height/width; "
+            f"calib {folder}: input '{spec.name}' has dynamic height/width; "
             "give --preprocess size=H,W"
         )
     _check_channels(spec, p, folder)
@@ -160,7 +160,7 @@ def load_image_folder(
         files = files[: p.limit]
         labels = labels[: p.limit] if labels is not None else None
     if not files:
-        raise CalibrationError(f"--calib {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise CalibrationError(f"calib {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     _check_readable(files)
     return ImageCalibrationSet.from_files(files, labels, spec, size, p, str(folder))
 
@@ -177,7 +177,7 @@ def _check_readable(files: Sequence[Path]) -> None:
             with Image.open(path) as image:
                 image.size  # noqa: B018 - parsing the header is the check
         except Exception as exc:
-            raise CalibrationError(f"--calib: cannot read image {path} ({exc})") from None
+            raise CalibrationError(f"calib: cannot read image {path} ({exc})") from None
 
 
 def _parse_augment(text: str) -> tuple[str, ...]:
@@ -362,7 +362,7 @@ def _check_channels(spec: InputSpec, p: Preprocess, folder: Path) -> None:
     want = 1 if p.color == "gray" else 3
     if channels is not None and channels != want:
         raise CalibrationError(
-            f"--calib {folder}: input '{spec.name}' has {channels} channels in layout {p.layout}, "
+            f"calib {folder}: input '{spec.name}' has {channels} channels in layout {p.layout}, "
             f"color={p.color} gives {want} (set --preprocess color=... or layout=...)"
         )
 
@@ -438,7 +438,7 @@ def _decoder():
                     mode = "L" if color == "gray" else "RGB"
                     pixels = np.asarray(image.convert(mode))
             except Exception as exc:
-                raise CalibrationError(f"--calib: cannot read image {path} ({exc})") from None
+                raise CalibrationError(f"calib: cannot read image {path} ({exc})") from None
             pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
             return pixels[:, :, ::-1] if color == "bgr" else pixels
 
@@ -456,7 +456,7 @@ def _decoder():
         flag = cv2.IMREAD_GRAYSCALE if color == "gray" else cv2.IMREAD_COLOR
         pixels = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), flag)
         if pixels is None:
-            raise CalibrationError(f"--calib: cannot read image {path}")
+            raise CalibrationError(f"calib: cannot read image {path}")
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
         return pixels[:, :, ::-1] if color == "rgb" else pixels
 

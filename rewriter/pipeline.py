@@ -535,7 +535,8 @@ def _distill(
     groups = context.groups
     before = measure_fidelity(original, model, context.holdout, groups) if context.holdout else None
     step = distill(
-        original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log
+        original, model, context.fit, context.holdout, parsed, seed=context.seed, log=context.log,
+        groups=groups,
     )
     if before is not None:
         step.metrics["fidelity_before"] = before

@@ -454,7 +454,7 @@ def _torch_ops() -> dict[str, Callable[..., Any]]:  # noqa: C901 - one table of 
         x, idx = i
         axis = a.get("axis", 0) % x.dim()
         flat = x.index_select(axis, idx.reshape(-1).long() % x.shape[axis])
-        return flat.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+        return flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))  # scalar idx: ()
 
     def axes_of(i, a, opset):
         if opset >= 13:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rewriter.errors import PassError
 from rewriter.io import load
 from tests.builders import make_model
-from tests.conftest import ort_run, rapidocr_model
+from tests.conftest import TRAINED, ort_run, rapidocr_model
 from tests.passcheck import checked_proto, max_rel_error, random_feeds, text_image
 
 torch = pytest.importorskip("torch")
@@ -143,6 +143,18 @@ def test_shape_plumbing_gather_unsqueeze_cast():
     check(nodes, [2, 3, 4, 5], [i64("idx", [2, 3]), i64("ax0", [0])])
 
 
+def test_gather_with_a_scalar_index_gives_a_scalar():
+    """`Shape -> Gather(scalar) -> Unsqueeze -> Concat -> Reshape`, as YOLO heads export it."""
+    nodes = [
+        N("Shape", ["x"], ["s"]), N("Gather", ["s", "zero"], ["batch"], axis=0),
+        N("Unsqueeze", ["batch", "ax0"], ["b1"]),
+        N("Constant", [], ["minus1"], value_ints=[-1]),
+        N("Concat", ["b1", "minus1"], ["shape"], axis=0), N("Reshape", ["x", "shape"], ["y"]),
+    ]
+    check(nodes, [2, 3, 4, 5], [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                                i64("ax0", [0])])
+
+
 def test_unsupported_op_is_named():
     proto = make_model([N("Celu", ["x"], ["y"], name="odd")],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
@@ -201,6 +213,18 @@ def test_zoo_models_match_onnxruntime(zoo, name):
     path = zoo(name)
     proto = onnx.load(str(path))
     ref, got = _run_both(proto, random_feeds(proto))
+    assert max_rel_error(ref[0], got[0]) <= 1e-4
+
+
+def test_trained_detector_matches_onnxruntime():
+    """The YOLOv8-layout head (DFL Softmax, Split, Slice, scalar Gather, Sigmoid, Concat)."""
+    proto = onnx.load(str(TRAINED / "detector.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Softmax", "Split", "Slice", "Gather", "Sigmoid", "Concat", "Sub", "Div"} <= ops
+    with np.load(TRAINED / "detector_calib.npz") as data:
+        feeds = {"images": data["images"][:4]}
+    ref, got = _run_both(proto, feeds)
+    assert ref[0].shape == (4, 14, 189)
     assert max_rel_error(ref[0], got[0]) <= 1e-4
 
 
