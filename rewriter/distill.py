@@ -43,6 +43,10 @@ class DistillOptions:
     weight_decay: float = option(0.0, "Adam weight decay")
     keep_worse: bool = option(False, "write trained weights back even if held-out loss got worse")
     log_every: int = option(50, "log the loss every this many steps", ge=1)
+    flip: bool = option(
+        True, "also train on the image inputs mirrored left-right, teacher outputs computed for "
+        "them (twice the samples: a small calibration set is otherwise learned by heart)"
+    )
 
 
 def parse_distill_options(
@@ -117,7 +121,9 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report, gr
     from rewriter.torch_exec import to_torch, write_back
 
     torch.manual_seed(seed)
-    teacher_fit = runtime.run_all(original, fit.inputs)
+    fit_inputs = mirrored(fit.inputs) if opts.flip else dict(fit.inputs)
+    fit_n = len(next(iter(fit_inputs.values())))
+    teacher_fit = runtime.run_all(original, fit_inputs)
     teacher_hold = runtime.run_all(original, holdout.inputs)
     module = to_torch(model, trainable)
     names = module.output_names
@@ -160,8 +166,8 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report, gr
     module.train()
     steps = Counter(opts.steps, "distill step")
     for step in range(1, opts.steps + 1):
-        index = np.sort(rng.choice(fit.n, size=min(opts.batch, fit.n), replace=False))
-        loss = loss_on({k: v[index] for k, v in fit.inputs.items()},
+        index = np.sort(rng.choice(fit_n, size=min(opts.batch, fit_n), replace=False))
+        loss = loss_on({k: v[index] for k, v in fit_inputs.items()},
                        {n: teacher_fit[n][index] for n in names})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,6 +183,7 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report, gr
         "loss_before": before, "loss_after": after, "steps": opts.steps,
         "train_seconds": round(time.perf_counter() - started, 2),
         "trained_values": int(sum(p.numel() for p in params)),
+        "train_samples": fit_n,
     })
     if improved or opts.keep_worse:
         write_back(module, model)
@@ -189,6 +196,14 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report, gr
                        "untrained weights kept")
     log(f"distill: held-out loss {before:.4g} -> {after:.4g}"
         + ("" if improved or opts.keep_worse else " (worse: kept the untrained weights)"))
+
+
+def mirrored(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The samples followed by their left-right mirror images, when every input is an image batch
+    (4-D float, N x C x H x W); other inputs (tokens, sequences) have no safe mirror: unchanged."""
+    if not inputs or not all(v.ndim == 4 and v.dtype.kind == "f" for v in inputs.values()):
+        return dict(inputs)
+    return {k: np.concatenate([v, v[..., ::-1]]) for k, v in inputs.items()}
 
 
 LossTerm = tuple[str, "tuple[int, int, int] | None", str, float]

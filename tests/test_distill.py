@@ -155,3 +155,29 @@ def test_digits_bottleneck_then_distill_keeps_accuracy():
 
     acc = {"original": accuracy(result.original), "rewritten": accuracy(result.model)}
     assert acc["rewritten"] >= acc["original"] - 0.005, acc
+
+
+def test_loss_has_one_term_per_output_group_scaled_by_its_own_size():
+    """A detector's box rows are ~100x its score rows; each group's term is scaled by its own
+    mean square so the scores are not drowned (a whole-output loss would ignore them)."""
+    from rewriter.distill import loss_terms
+    from rewriter.groups import parse_groups
+
+    teacher = {"out": np.concatenate([np.full((2, 4, 5), 100.0), np.full((2, 2, 5), 0.5)], 1),
+               "aux": np.ones((2, 3))}
+    groups = parse_groups("out:box=0-3+cls=4-5")
+    terms = loss_terms(["out", "aux"], groups, teacher)
+    assert [(name, rows, label) for name, rows, label, _ in terms] == [
+        ("out", (1, 0, 4), "out:box"), ("out", (1, 4, 6), "out:cls"), ("aux", None, "aux")]
+    assert [round(scale, 6) for *_, scale in terms] == [10000.0, 0.25, 1.0]
+
+
+def test_mirrored_doubles_image_batches_only():
+    from rewriter.distill import mirrored
+
+    images = {"x": np.arange(2 * 1 * 2 * 3, dtype=np.float32).reshape(2, 1, 2, 3)}
+    both = mirrored(images)["x"]
+    assert both.shape == (4, 1, 2, 3)
+    np.testing.assert_array_equal(both[2:], images["x"][..., ::-1])
+    tokens = {"ids": np.zeros((2, 7), np.int64)}
+    assert mirrored(tokens)["ids"].shape == (2, 7)
