@@ -7,6 +7,9 @@ svd / whitened / refit at several whole-model targets, and marks `target=auto`'s
 
     .venv/bin/python -m bench.bench_detector          # quick: a few rows
     .venv/bin/python -m bench.bench_detector --full   # every init x target
+    .venv/bin/python -m bench.bench_detector --case refit:0.5:steps=800   # chosen rows only
+
+A case's third field is the `--distill` options (distillation after the rewrite, torch extra).
 
 Every rewrite runs `fold-bn` first (as a user would on an export that keeps BatchNorm), uses
 `detector_calib.npz` as calibration data and otherwise the pass's defaults. Writes
@@ -36,7 +39,11 @@ MODEL = TRAINED / "detector.onnx"
 
 INITS = ("svd", "whitened", "refit")
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
-QUICK_CASES = [("svd", 0.3), ("refit", 0.3), ("refit", 0.5)]
+#: Distillation recipe of the quick bench (the pass's defaults otherwise).
+DISTILL = "steps=800,lr=1e-3"
+QUICK_CASES: list[tuple[str, float, str | None]] = [
+    ("svd", 0.3, None), ("refit", 0.3, None), ("refit", 0.5, None), ("refit", 0.5, DISTILL)]
+CASES_RESULTS = ROOT / "bench" / "results" / "detector_cases.json"
 #: "mAP within 1 point" of the original, as the issue quotes it.
 MAP_TOLERANCE = 0.01
 
@@ -50,21 +57,24 @@ def _data() -> tuple[CalibrationSet, np.ndarray, list[np.ndarray]]:
     return calib, images, truth
 
 
-def detector_case(init: str, target: float | str, data: tuple) -> dict[str, Any]:
-    """Rewrite the detector (fold-bn, then bottleneck) and score its detections."""
+def detector_case(
+    init: str, target: float | str, data: tuple, distill: str | None = None
+) -> dict[str, Any]:
+    """Rewrite the detector (fold-bn, then bottleneck, then optional distillation) and score
+    its detections."""
     calib, images, truth = data
     spec = f"bottleneck:target={target},init={init}"
     started = time.perf_counter()
-    result = rewrite(load(MODEL), ["fold-bn", spec], calib=calib)
+    result = rewrite(load(MODEL), ["fold-bn", spec], calib=calib, distill=distill)
     rewrite_s = time.perf_counter() - started
     feeds = {"images": images}
     ref = runtime.run_all(result.original, feeds)["output0"]
     got = runtime.run_all(result.model, feeds)["output0"]
     ref_dets, got_dets = decode(ref), decode(got)
     report = result.report
-    bottleneck = report.passes[-1]
+    bottleneck = next(p for p in report.passes if p.name == "bottleneck")
     row: dict[str, Any] = {
-        "init": init, "target": target, "options": f"fold-bn,{spec}",
+        "init": init, "target": target, "options": f"fold-bn,{spec}", "distill": distill,
         "auto": target == "auto",
         "macs_before": report.macs_before, "macs_after": report.macs_after,
         "macs_removed": round(1 - report.macs_after / report.macs_before, 4),
@@ -78,6 +88,10 @@ def detector_case(init: str, target: float | str, data: tuple) -> dict[str, Any]
         "layers_rewritten": bottleneck.metrics.get("layers_rewritten", 0),
         "rewrite_s": round(rewrite_s, 2),
     }
+    if distill is not None:
+        step = report.passes[-1]
+        row["distill_kept"] = step.n_applied > 0
+        row["distill_s"] = step.metrics.get("train_seconds")
     if target == "auto":
         row["auto_target"] = bottleneck.metrics.get("auto_target")
     return row
@@ -118,8 +132,9 @@ def detector_markdown(out: dict[str, Any]) -> str:
     for r in rows:
         target = f"auto ({r['auto_target']:.1%})" if r["auto"] and r.get("auto_target") else (
             r["target"])
+        init = r["init"] + (f" + distill {r['distill']}" if r.get("distill") else "")
         lines.append(
-            f"| {r['init']} | {target} | {r['macs_removed']:.1%} | {r['map50_after']:.3f} | "
+            f"| {init} | {target} | {r['macs_removed']:.1%} | {r['map50_after']:.3f} | "
             f"{r['f1_vs_original']:.3f} | {r['detections_after']} / {r['detections_before']} | "
             f"{r['whole_tensor_cosine']:.4f} | {r['score_rows_cosine']:.4f} |")
     best = out["summary"].get("largest_cut_within_1pt")
@@ -128,30 +143,43 @@ def detector_markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(full: bool = False) -> dict[str, Any]:
+def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = None
+        ) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"topic": "detector", "full": full, "machine": machine_info(1)}
     if not MODEL.exists():
         out["skipped"] = "models/trained/detector.onnx missing (python -m models.train_detector)"
         return out
     data = _data()
-    cases = [(i, t) for i in INITS for t in TARGETS] if full else list(QUICK_CASES)
-    rows = [detector_case(init, target, data) for init, target in cases]
-    rows.append(detector_case("refit", "auto", data))
+    chosen = cases is not None
+    if cases is None:
+        cases = [(i, t, None) for i in INITS for t in TARGETS] if full else list(QUICK_CASES)
+        cases += [("refit", 0.5, DISTILL)] if full else []
+        cases.append(("refit", "auto", None))
+    rows = [detector_case(init, target, data, distill) for init, target, distill in cases]
     out["rows"] = rows
     out["summary"] = summarize(rows)
     out["wall_s"] = round(time.perf_counter() - started, 1)
     out["markdown"] = detector_markdown(out)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    path = CASES_RESULTS if chosen else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def parse_case(text: str) -> tuple[str, Any, str | None]:
+    """`refit:0.5` or `refit:0.5:steps=800,lr=1e-3` -> (init, target, distill options)."""
+    init, target, *rest = text.split(":", 2)
+    return init, target if target == "auto" else float(target), rest[0] if rest else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--case", action="append", type=parse_case,
+                        help="INIT:TARGET[:DISTILL] rows only (written to detector_cases.json)")
     args = parser.parse_args()
-    result = run(full=args.full)
+    result = run(full=args.full, cases=args.case)
     print(result.get("markdown", ""))
     print(json.dumps(result.get("summary", {}), indent=2))
 
