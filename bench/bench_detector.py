@@ -8,8 +8,11 @@ svd / whitened / refit at several whole-model targets, and marks `target=auto`'s
     .venv/bin/python -m bench.bench_detector          # quick: a few rows
     .venv/bin/python -m bench.bench_detector --full   # every init x target
     .venv/bin/python -m bench.bench_detector --case refit:0.5:steps=800   # chosen rows only
+    .venv/bin/python -m bench.bench_detector --case refit/auto:0.4         # method=auto
 
-A case's third field is the `--distill` options (distillation after the rewrite, torch extra).
+A case is INIT[/METHOD]:TARGET[:DISTILL]: METHOD `mode` (one factorization, `in`, everywhere;
+the rows of the quick bench) or `auto` (per layer by measured task error, the pass's default with
+a target and calibration data); DISTILL the `--distill` options (torch extra).
 
 Every rewrite runs `fold-bn` first (as a user would on an export that keeps BatchNorm), uses
 `detector_calib.npz` as calibration data and otherwise the pass's defaults. Writes
@@ -63,7 +66,9 @@ def detector_case(
     """Rewrite the detector (fold-bn, then bottleneck, then optional distillation) and score
     its detections."""
     calib, images, truth = data
-    spec = f"bottleneck:target={target},init={init}"
+    init, _, method = init.partition("/")
+    method = method or "mode"
+    spec = f"bottleneck:target={target},init={init},method={method}"
     started = time.perf_counter()
     result = rewrite(load(MODEL), ["fold-bn", spec], calib=calib, distill=distill)
     rewrite_s = time.perf_counter() - started
@@ -74,7 +79,8 @@ def detector_case(
     report = result.report
     bottleneck = next(p for p in report.passes if p.name == "bottleneck")
     row: dict[str, Any] = {
-        "init": init, "target": target, "options": f"fold-bn,{spec}", "distill": distill,
+        "init": init, "method": method, "target": target, "options": f"fold-bn,{spec}",
+        "distill": distill,
         "auto": target == "auto",
         "macs_before": report.macs_before, "macs_after": report.macs_after,
         "macs_removed": round(1 - report.macs_after / report.macs_before, 4),
@@ -132,7 +138,8 @@ def detector_markdown(out: dict[str, Any]) -> str:
     for r in rows:
         target = f"auto ({r['auto_target']:.1%})" if r["auto"] and r.get("auto_target") else (
             r["target"])
-        init = r["init"] + (f" + distill {r['distill']}" if r.get("distill") else "")
+        init = r["init"] + (", method=auto" if r.get("method") == "auto" else "") + (
+            f" + distill {r['distill']}" if r.get("distill") else "")
         lines.append(
             f"| {init} | {target} | {r['macs_removed']:.1%} | {r['map50_after']:.3f} | "
             f"{r['f1_vs_original']:.3f} | {r['detections_after']} / {r['detections_before']} | "
@@ -168,7 +175,8 @@ def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = No
 
 
 def parse_case(text: str) -> tuple[str, Any, str | None]:
-    """`refit:0.5` or `refit:0.5:steps=800,lr=1e-3` -> (init, target, distill options)."""
+    """`refit:0.5`, `refit/auto:0.5` or `refit:0.5:steps=800,lr=1e-3` -> (init[/method],
+    target, distill options)."""
     init, target, *rest = text.split(":", 2)
     return init, target if target == "auto" else float(target), rest[0] if rest else None
 

@@ -29,11 +29,14 @@ from rewriter.lowrank_methods import METHODS
 
 @dataclass
 class BottleneckOptions(LowRankOptions):
-    mode: Literal["in", "in-out"] = option("in", "in: 1x1 reduce + kxk; in-out: Tucker-2 "
-                                                 "(1x1 reduce, kxk core, 1x1 restore)")
-    method: Literal["mode", "auto"] = option(
-        "mode", "mode: the factorization `mode` names, every layer; auto: per layer the best "
-                "of in, in-out and spatial (kx1 then 1xk) by error per MAC saved (needs target)")
+    mode: Literal["in", "in-out"] | None = option(
+        None, "in: 1x1 reduce + kxk; in-out: Tucker-2 (1x1 reduce, kxk core, 1x1 restore); "
+              "default in")
+    method: Literal["mode", "auto"] | None = option(
+        None, "mode: the factorization `mode` names, every layer; auto: per layer the best "
+              "of in, in-out and spatial (kx1 then 1xk) by measured error per MAC saved (needs "
+              "target); default auto when a target is given with calibration data and no mode "
+              "is named, else mode")
     refit_reduce: int = option(1, "refit: alternations that also refit the 1x1 (small layers)")
     merge: bool = option(True, "fold the 1x1 into a preceding linear 1x1 conv")
     objective: Literal["macs", "latency"] = option(
@@ -67,20 +70,37 @@ class BottleneckPass(RewritePass):
 
     def chooses_on_holdout(self) -> bool:
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
-        return measures_on_holdout(opts, 3 if opts.method == "auto" else 1)
+        return measures_on_holdout(opts, 3 if resolved_method(opts, True) == "auto" else 1)
 
     def apply(self, model: ir.Model) -> None:
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
-        if opts.method == "auto":
+        method = resolved_method(opts, self.context.has_data)
+        mode = opts.mode or "in"
+        if method == "auto":
             methods = [METHODS["in"], METHODS["in-out"], METHODS["spatial"]]
+            if opts.method is None:
+                self.report.note("method=auto (the default with a target and calibration "
+                                 "data): per layer in, in-out or spatial by measured task "
+                                 "error per MAC saved; name a mode to use one everywhere")
         else:
-            methods = [METHODS[opts.mode]]
+            methods = [METHODS[mode]]
         timing = None
         if opts.objective == "latency":
             timing = Timing(opts.threads, opts.min_gain, opts.latency_ranks)
         run_lowrank(model, opts, self.context, self.report, self.name, methods,
-                    "a 1x1 reduction", "auto" if opts.method == "auto" else opts.mode,
+                    "a 1x1 reduction", "auto" if method == "auto" else mode,
                     merge=opts.merge, refit_reduce=opts.refit_reduce, timing=timing)
 
 
-__all__ = ["BottleneckOptions", "BottleneckPass"]
+def resolved_method(opts: BottleneckOptions, has_data: bool) -> str:
+    """The method a run uses: as given, else auto for a target with calibration data and no
+    named mode (measured per-layer allocation keeps a detector's task at a cut where one
+    factorization everywhere loses it: README, trained detector), else mode."""
+    if opts.method is not None:
+        return opts.method
+    if opts.target is not None and opts.mode is None and has_data and opts.objective == "macs":
+        return "auto"
+    return "mode"
+
+
+__all__ = ["BottleneckOptions", "BottleneckPass", "resolved_method"]

@@ -19,7 +19,7 @@ TRAINED = trained_dir()
 OUT = Path("onexone-demo")
 #: Fold BN so factorization sees the real weights, remove 80% of the MACs where it costs least
 #: error (refit on the shipped calibration set), swap the dense head for a 1x1 conv + GAP.
-DEMO_PASSES = ("fold-bn", "bottleneck:target=0.8", "dense-head:hidden=0", "cleanup")
+DEMO_PASSES = ("fold-bn", "bottleneck:target=0.8,mode=in", "dense-head:hidden=0", "cleanup")
 
 
 def demo_args() -> list[str]:
