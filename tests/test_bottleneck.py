@@ -490,6 +490,19 @@ def test_method_auto_allocates_on_measured_errors_over_every_method():
     checked_proto(result.model)
 
 
+def test_method_defaults_to_auto_with_a_target_and_data_unless_a_mode_is_named():
+    def mode_of(spec: str, calib) -> str:
+        report = rewrite(load(_relu_stack()), [spec], calib=calib).report.passes[0]
+        return report.metrics["mode"]
+
+    data = _calib(32)
+    assert mode_of("bottleneck:target=0.4,init=whitened,measure-ranks=2", data) == "auto"
+    assert mode_of("bottleneck:target=0.4,init=whitened,mode=in", data) == "in"
+    assert mode_of("bottleneck:target=0.4,init=whitened,method=mode", data) == "in"
+    assert mode_of("bottleneck:target=0.4", None) == "in"  # no data: nothing to measure on
+    assert mode_of("bottleneck:ratio=0.5,init=whitened", data) == "in"  # no global budget
+
+
 def test_max_layer_error_caps_every_layer_and_says_the_target_is_out_of_reach():
     result = rewrite(load(_relu_stack()), ["bottleneck:target=0.6,allocate=measured,"
                                            "max-layer-error=1e-6,init=whitened"],
