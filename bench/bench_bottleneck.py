@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import rewrite_digits_and_score, zoo_model
+from bench.common import one_mode, rewrite_digits_and_score, zoo_model
 from bench.tables import bottleneck_markdown
 from rewriter import load
 from rewriter.bench import benchmark_models, machine_info
@@ -46,6 +46,7 @@ FULL_ZOO_MODELS = [("vgg16", "in"), ("resnet50", "in-out"), ("googlenet", "in"),
 FULL_RATIOS = (0.5, 0.25, 0.125)
 DIGITS_TARGETS = (0.5, 0.7, 0.8, 0.9)
 INITS = ("svd", "whitened", "refit")
+
 
 
 def zoo_case(name: str, mode: str, ratio: float, threads: list[int], batches: list[int],
@@ -97,7 +98,7 @@ def _digits_data() -> tuple[CalibrationSet, dict[str, np.ndarray]]:
 def digits_case(init: str, target: float, extra: str = "") -> dict[str, Any]:
     """Rewrite the trained digits CNN to remove `target` of its MACs; accuracy on the test split."""
     calib, test = _digits_data()
-    spec = f"bottleneck:target={target},init={init},sensitivity=false{extra}"
+    spec = f"bottleneck:target={target},init={init},sensitivity=false{one_mode(extra)}"
     result, rewrite_s, ref, got = rewrite_digits_and_score([spec], calib, test["input"])
     labels = test["labels"]
     report = result.report

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import one_mode
 from rewriter import load, lowrank, lowrank_fit, runtime
 from rewriter.calibration import CalibrationSet
 from rewriter.pipeline import rewrite
@@ -36,6 +37,7 @@ from rewriter.pipeline import rewrite
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fits.json"
 ORDER = ("base", "white", "als", "bias", "act")
+
 
 
 def _cholesky_spectrum(weight, sigma, alpha=lowrank.DEFAULT_SHRINK, eps=None, tol=None):
@@ -79,7 +81,7 @@ def detector_rows(names, targets, folder: Path) -> list[dict[str, Any]]:
     for target in targets:
         for name in names:
             with variant(name) as extra:
-                spec = f"bottleneck:target={target},init=refit,sensitivity=false{extra}"
+                spec = f"bottleneck:target={target},init=refit,sensitivity=false{one_mode(extra)}"
                 started = time.perf_counter()
                 result = rewrite(load(folder / "detector.onnx"), ["fold-bn", spec], calib=calib)
                 seconds = time.perf_counter() - started
@@ -104,7 +106,7 @@ def digits_rows(names, targets, folder: Path) -> list[dict[str, Any]]:
     for target in targets:
         for name in names:
             with variant(name) as extra:
-                spec = f"bottleneck:target={target},init=refit,sensitivity=false{extra}"
+                spec = f"bottleneck:target={target},init=refit,sensitivity=false{one_mode(extra)}"
                 result = rewrite(load(folder / "digits_cnn.onnx"), ["fold-bn", spec],
                                  calib=folder / "digits_calib.npz")
             ref = runtime.run_all(result.original, {"input": inputs})["logits"].argmax(1)

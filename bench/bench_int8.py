@@ -44,7 +44,7 @@ TRAINED = ROOT / "models" / "trained"
 #: (`ONEXONE_DETECTOR_DIR`, e.g. a fresh `python -m models.train_detector -o DIR` run).
 DETECTOR_DIRS = tuple(Path(p) for p in filter(None, (os.environ.get("ONEXONE_DETECTOR_DIR"),))
                       ) + (TRAINED,)
-BOTTLENECK = "bottleneck:target=0.4,init=refit"
+BOTTLENECK = "bottleneck:target=0.4,init=refit,mode=in"
 THREADS = (1, 2)
 
 QUICK = {"pairs": 30, "ocr_pairs": 10, "ocr_pages": 6, "ocr_calib": 12, "ocr_max_calls": 4}

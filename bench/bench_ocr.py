@@ -45,14 +45,15 @@ DET_HEAD = "p2o.Conv.61"
 MATCH_IOU = 0.5
 
 QUICK = {"pages": 20, "calib": 16, "latency_repeats": 10,
-         "configs": ["bottleneck:target=0.3,init=refit"]}
+         "configs": ["bottleneck:target=0.3,init=refit,mode=in"]}
 FULL = {"pages": 40, "calib": 24, "latency_repeats": None,
         "configs": [
-            *(f"bottleneck:target={t},init={init}" for init in ("refit", "svd")
+            *(f"bottleneck:target={t},init={init},mode=in" for init in ("refit", "svd")
               for t in (0.15, 0.3, 0.4)),
             "bottleneck:target=0.3,init=refit,mode=in-out",
-            "bottleneck:target=0.3,init=refit,round=4",
-            f"bottleneck:target=0.25,init=refit,exclude={DET_HEAD}",
+            "bottleneck:target=0.3,init=refit,round=4,mode=in",
+            f"bottleneck:target=0.25,init=refit,exclude={DET_HEAD},mode=in",
+            "bottleneck:target=0.4,init=refit,method=auto",
         ]}
 
 

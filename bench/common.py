@@ -36,3 +36,9 @@ def rewrite_digits_and_score(passes: list[str], calib, test_inputs) -> tuple:
     ref = runtime.run_all(result.original, feeds)["logits"]
     got = runtime.run_all(result.model, feeds)["logits"]
     return result, rewrite_s, ref, got
+
+
+def one_mode(extra: str) -> str:
+    """`extra`, naming `mode=in` unless it names a mode or method: these rows measure one
+    factorization everywhere (the pass's default with a target is method=auto)."""
+    return extra if "mode=" in extra or "method=" in extra else f"{extra},mode=in"

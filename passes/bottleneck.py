@@ -76,12 +76,10 @@ class BottleneckPass(RewritePass):
         opts: BottleneckOptions = self.options  # type: ignore[assignment]
         method = resolved_method(opts, self.context.has_data)
         mode = opts.mode or "in"
+        if method == "auto" and opts.method is None:
+            method = self._affordable_auto(model, opts)
         if method == "auto":
             methods = [METHODS["in"], METHODS["in-out"], METHODS["spatial"]]
-            if opts.method is None:
-                self.report.note("method=auto (the default with a target and calibration "
-                                 "data): per layer in, in-out or spatial by measured task "
-                                 "error per MAC saved; name a mode to use one everywhere")
         else:
             methods = [METHODS[mode]]
         timing = None
@@ -90,6 +88,38 @@ class BottleneckPass(RewritePass):
         run_lowrank(model, opts, self.context, self.report, self.name, methods,
                     "a 1x1 reduction", "auto" if method == "auto" else mode,
                     merge=opts.merge, refit_reduce=opts.refit_reduce, timing=timing)
+
+    def _affordable_auto(self, model: ir.Model, opts: BottleneckOptions) -> str:
+        """The default method=auto when its single-layer trials fit the budget, else mode.
+
+        Each trial runs the whole model on the held-out split, so the cost grows as layers x
+        methods x ranks x samples x MACs; past `MEASURE_BUDGET_MACS` the default stays one
+        factorization (naming method=auto measures anyway).
+        """
+        from rewriter.lowrank_select import SelectRules, select_convs
+
+        rules = SelectRules(tuple(opts.include), tuple(opts.exclude), opts.min_channels,
+                            opts.min_macs)
+        selection = select_convs(model, rules, self.context.input_shapes)
+        trials = len(selection.layers) * 3 * opts.measure_ranks
+        held_out = self.context.holdout.n if self.context.holdout is not None else 0
+        cost = trials * held_out * selection.total_macs
+        if cost > MEASURE_BUDGET_MACS:
+            self.report.note(
+                f"method=mode (one factorization): measuring {trials} single-layer trials on "
+                f"{held_out} held-out samples would cost ~{cost / 1e12:.0f} T MACs, over the "
+                f"default's {MEASURE_BUDGET_MACS / 1e12:.0f} T; name method=auto to measure "
+                "anyway (it keeps detectors' class scores far better)")
+            return "mode"
+        self.report.note("method=auto (the default with a target and calibration data): per "
+                         "layer in, in-out or spatial by measured task error per MAC saved; "
+                         "name a mode to use one everywhere")
+        return "auto"
+
+
+#: Model MACs x held-out samples x trials the default method=auto may spend on measuring
+#: (a few minutes at the ~30-40 G MAC/s onnxruntime reaches on 2 cores, sessions included).
+MEASURE_BUDGET_MACS = 1e13
 
 
 def resolved_method(opts: BottleneckOptions, has_data: bool) -> str:

@@ -543,7 +543,7 @@ def test_detector_measured_allocation_keeps_detections():
     test = dict(np.load(TRAINED / "detector_test.npz"))
     data = CalibrationSet({"images": calib["images"][:48]}, source="detector_calib")
     result = rewrite(load(DETECTOR), ["bottleneck:target=0.2,allocate=measured,measure-ranks=2,"
-                                      "init=whitened"], calib=data)
+                                      "init=whitened,mode=in"], calib=data)
     report = result.report.passes[0]
     assert report.metrics["allocation"] == "measured"
     assert all("task_error_grid" in d.details for d in report.decisions if d.applied)

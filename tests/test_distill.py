@@ -144,7 +144,7 @@ def test_digits_bottleneck_then_distill_keeps_accuracy():
     test = dict(np.load(TRAINED / "digits_test.npz"))
     # Data-free SVD init (refit alone already keeps accuracy at 70%): distillation must recover.
     result = rewrite(str(TRAINED / "digits_cnn.onnx"),
-                     ["fold-bn", "bottleneck:target=0.7,init=svd"],
+                     ["fold-bn", "bottleneck:target=0.7,init=svd,mode=in"],
                      calib=calib, distill={"steps": 150, "lr": 2e-3})
     assert result.report.macs_after <= 0.3 * result.report.macs_before
     step = result.report.passes[-1]

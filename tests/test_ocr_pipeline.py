@@ -99,7 +99,7 @@ def test_bottlenecked_det_keeps_the_pipeline_readings(tmp_path, engine):
     from rewriter.pipeline import rewrite
 
     calib = save_det_calibration(tmp_path / "calib.npz", 12)
-    result = rewrite(load(rapidocr_model("det")), ["bottleneck:target=0.3,init=refit"],
+    result = rewrite(load(rapidocr_model("det")), ["bottleneck:target=0.3,init=refit,mode=in"],
                      calib=str(calib))
     path = save(result.model, tmp_path / "det.onnx")
     onnx.checker.check_model(onnx.load(path), full_check=True)
