@@ -19,7 +19,7 @@ def main() -> int:
     model = rewriter.load(TRAINED / "digits_cnn.onnx")
     result = rewriter.rewrite(
         model,
-        ["fold-bn", "bottleneck:target=0.8", "dense-head:hidden=0", "cleanup"],
+        ["fold-bn", "bottleneck:target=0.8,mode=in", "dense-head:hidden=0", "cleanup"],
         calib=TRAINED / "digits_calib.npz",
         evaluate=TRAINED / "digits_test.npz",
     )
