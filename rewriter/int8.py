@@ -1,7 +1,8 @@
 """onnxruntime static int8 as a building block: pre-processing, calibration, QDQ quantization.
 
 We never write a quantizer: this module only drives `onnxruntime.quantization` on files in a
-temp folder. Calibration ranges are computed once and cached (`calibration_cache_path`), so
+temp folder. Calibration ranges are computed once and cached (`calibration_cache_path`, onnxruntime
+>= 1.27; older ones calibrate again on each call), so
 re-quantizing with another `nodes_to_exclude` list (what auto-exclusion does) costs the QDQ
 rewrite only, not another pass over the calibration set.
 """
@@ -9,6 +10,7 @@ rewrite only, not another pass over the calibration set.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -98,7 +100,13 @@ class StaticQuantizer:
         out = self.folder / f"{tag}-{self.calls}.onnx"
         reader = None
         extra: dict = {"ActivationSymmetric": self.activation == "int8", "WeightSymmetric": True}
-        if not self.cache.exists():
+        # calibration_cache_path is onnxruntime >= 1.27; older ones calibrate on every call
+        cached = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+        if cached:
+            extra_kwargs: dict = {"calibration_cache_path": str(self.cache)}
+        else:
+            extra_kwargs = {}
+        if not cached or not self.cache.exists():
             n = len(next(iter(self.inputs.values())))
             chunk = min(CALIBRATION_CHUNK, n) - min(CALIBRATION_CHUNK, n) % self.batch
             chunk = max(chunk, self.batch)
@@ -117,7 +125,7 @@ class StaticQuantizer:
                     calibrate_method=getattr(CalibrationMethod, METHODS[self.method]),
                     nodes_to_exclude=list(exclude),
                     extra_options=extra,
-                    calibration_cache_path=str(self.cache),
+                    **extra_kwargs,
                 )
         except Exception as exc:  # onnxruntime raises ValueError, RuntimeError, onnx errors
             message = " ".join(str(exc).split())[:300]

@@ -387,6 +387,7 @@ def test_config_equals_flags(model, calib, tmp_path):
 
 
 def test_plot_writes_png(model, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # the plot extra
     import tests.passes_for_tests  # noqa: F401
 
     png = tmp_path / "p.png"
