@@ -243,7 +243,7 @@ class ExclusionSearch:
                 f"(target {opts.max_error:g}) on {holdout.n} held-out samples")
         if opts.auto_exclude and self.error > opts.max_error:
             ctx.log(f"quantize: auto-exclusion, at most {opts.max_calls} quantize_static calls "
-                    "(calibration ranges cached)")
+                    "(calibration ranges cached where onnxruntime supports it)")
             path = self._grow_float_region(path)
         elif self.error > opts.max_error:
             report.note(f"task error {self.error:.4g} above max-error {opts.max_error:g} "
