@@ -22,7 +22,13 @@ from typing import Literal
 import onnx_ir as ir
 from rewriter.passes import register
 from rewriter.passes.base import RewritePass, option
-from rewriter.passes.lowrank_pass import LowRankOptions, Timing, measures_on_holdout, run_lowrank
+from rewriter.passes.lowrank_pass import (
+    LowRankOptions,
+    Timing,
+    measures_on_holdout,
+    run_lowrank,
+    select_rules,
+)
 
 from rewriter.lowrank_methods import METHODS
 
@@ -96,11 +102,9 @@ class BottleneckPass(RewritePass):
         methods x ranks x samples x MACs; past `MEASURE_BUDGET_MACS` the default stays one
         factorization (naming method=auto measures anyway).
         """
-        from rewriter.lowrank_select import SelectRules, select_convs
+        from rewriter.lowrank_select import select_convs
 
-        rules = SelectRules(tuple(opts.include), tuple(opts.exclude), opts.min_channels,
-                            opts.min_macs)
-        selection = select_convs(model, rules, self.context.input_shapes)
+        selection = select_convs(model, select_rules(opts), self.context.input_shapes)
         trials = len(selection.layers) * 3 * opts.measure_ranks
         held_out = self.context.holdout.n if self.context.holdout is not None else 0
         cost = trials * held_out * selection.total_macs

@@ -123,6 +123,12 @@ class Timing:
     grid: int = 6
 
 
+def select_rules(opts: LowRankOptions) -> SelectRules:
+    """The candidate rules a low-rank pass's options name (include/exclude, size floors)."""
+    return SelectRules(tuple(opts.include), tuple(opts.exclude), opts.min_channels,
+                       opts.min_macs)
+
+
 def measures_on_holdout(opts: LowRankOptions, n_methods: int) -> bool:
     """Whether the pass chooses on the held-out split (target=auto, measured allocation)."""
     measured = opts.allocate == "measured" or (opts.allocate == "auto" and n_methods > 1)
@@ -173,9 +179,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     nothing = f"nothing to do: no conv where {what} " + (
         "saves MACs" if timing is None else "is measured faster in onnxruntime")
     original = context.before if context.before is not None else model.clone()
-    rules = SelectRules(tuple(opts.include), tuple(opts.exclude), opts.min_channels,
-                        opts.min_macs)
-    selection = select_convs(model, rules, context.input_shapes)
+    selection = select_convs(model, select_rules(opts), context.input_shapes)
     layers, refused = usable_layers(selection.layers, methods)
     selection.skipped.extend(refused)
     selection.layers = layers
