@@ -51,9 +51,17 @@ CASES_RESULTS = ROOT / "bench" / "results" / "detector_cases.json"
 MAP_TOLERANCE = 0.01
 
 
-def _data() -> tuple[CalibrationSet, np.ndarray, list[np.ndarray]]:
-    with np.load(TRAINED / "detector_calib.npz") as calib_file:
-        calib = CalibrationSet({"images": calib_file["images"]}, None, "detector_calib.npz")
+def _data(calib_scenes: int | None = None) -> tuple[CalibrationSet, np.ndarray, list[np.ndarray]]:
+    """Calibration (the shipped 128 scenes, or `calib_scenes` regenerated from the same seed and
+    train digits: the shipped ones first), test images and ground truth."""
+    if calib_scenes:
+        from models.detector_data import make_scenes
+        from models.train_detector import CALIB_SEED
+        images = make_scenes(calib_scenes, CALIB_SEED, split="train").images
+        calib = CalibrationSet({"images": images}, None, f"{calib_scenes} train scenes")
+    else:
+        with np.load(TRAINED / "detector_calib.npz") as calib_file:
+            calib = CalibrationSet({"images": calib_file["images"]}, None, "detector_calib.npz")
     with np.load(TRAINED / "detector_test.npz") as test_file:
         images = test_file["images"]
         truth = load_ground_truth({"images": images, "gt": test_file["gt"]})
@@ -150,14 +158,15 @@ def detector_markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = None
-        ) -> dict[str, Any]:
+def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = None,
+        calib_scenes: int | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"topic": "detector", "full": full, "machine": machine_info(1)}
     if not MODEL.exists():
         out["skipped"] = "models/trained/detector.onnx missing (python -m models.train_detector)"
         return out
-    data = _data()
+    data = _data(calib_scenes)
+    out["calibration_scenes"] = data[0].n
     chosen = cases is not None
     if cases is None:
         cases = [(i, t, None) for i in INITS for t in TARGETS] if full else list(QUICK_CASES)
@@ -169,6 +178,8 @@ def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = No
     out["wall_s"] = round(time.perf_counter() - started, 1)
     out["markdown"] = detector_markdown(out)
     path = CASES_RESULTS if chosen else RESULTS
+    if calib_scenes:
+        path = path.with_name(f"{path.stem}_calib{calib_scenes}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -186,8 +197,10 @@ def main() -> None:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--case", action="append", type=parse_case,
                         help="INIT:TARGET[:DISTILL] rows only (written to detector_cases.json)")
+    parser.add_argument("--calib-scenes", type=int, default=None,
+                        help="calibrate on N generated train scenes instead of the shipped 128")
     args = parser.parse_args()
-    result = run(full=args.full, cases=args.case)
+    result = run(full=args.full, cases=args.case, calib_scenes=args.calib_scenes)
     print(result.get("markdown", ""))
     print(json.dumps(result.get("summary", {}), indent=2))
 

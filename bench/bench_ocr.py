@@ -35,6 +35,7 @@ from rewriter.pipeline import rewrite
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "ocr.json"
+CASES_RESULTS = ROOT / "bench" / "results" / "ocr_cases.json"
 CACHE = Path("/tmp/onexone-bench-ocr")
 DET_SHAPE = (1, 3, PAGE_SIZE, PAGE_SIZE)
 REC_SHAPE = (1, 3, 48, 320)
@@ -260,9 +261,17 @@ def det_structure() -> dict[str, Any]:
             "candidates": candidates}
 
 
-def run(full: bool = False) -> dict[str, Any]:
+def run(full: bool = False, configs: list[str] | None = None,
+        calib_pages: int | None = None) -> dict[str, Any]:
+    """The quick or full plan; `configs` (and `calib_pages`) run chosen rewrites on the full
+    plan's pages, written to ocr_cases.json."""
     started = time.perf_counter()
-    plan = FULL if full else QUICK
+    plan = dict(FULL if full or configs else QUICK)
+    if configs:
+        plan["configs"] = configs
+    if calib_pages:
+        plan["calib"] = calib_pages
+    results = CASES_RESULTS if configs else RESULTS
     CACHE.mkdir(parents=True, exist_ok=True)
     calib = CACHE / f"det-calib-{plan['calib']}.npz"
     if not calib.exists():
@@ -294,18 +303,18 @@ def run(full: bool = False) -> dict[str, Any]:
                                        "rewritten_ms": lat["rewritten_ms"]["median"],
                                        "speedup": lat["speedup"], "repeats": lat["repeats"]}
         out["rewrites"].append(row)
-        _write(out)  # partial results survive an interrupted full run
+        _write(out, results)  # partial results survive an interrupted full run
     out["rec"] = rec_report()
     out["summary"] = summarize(out)
     out["markdown"] = markdown(out)
     out["wall_s"] = round(time.perf_counter() - started, 1)
-    _write(out)
+    _write(out, results)
     return out
 
 
-def _write(out: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
+def _write(out: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 def summarize(out: dict[str, Any]) -> dict[str, Any]:
@@ -345,8 +354,11 @@ def markdown(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--config", action="append",
+                        help="run only this det rewrite (repeatable; to ocr_cases.json)")
+    parser.add_argument("--calib", type=int, help="calibration pages (default: the plan's)")
     args = parser.parse_args(argv)
-    out = run(full=args.full)
+    out = run(full=args.full, configs=args.config, calib_pages=args.calib)
     print(out["markdown"])
     print(json.dumps(out["summary"], indent=2))
 

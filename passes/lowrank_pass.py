@@ -38,6 +38,7 @@ from rewriter.lowrank_plan import (
     RankRule,
     auto_cut,
     drop_slower,
+    drop_unprofitable,
     layer_choices,
     plan_by_rule,
     plan_for_target,
@@ -47,6 +48,10 @@ from rewriter.lowrank_plan import (
 from rewriter.lowrank_select import DEFAULT_MIN_CHANNELS, ConvLayer, SelectRules, Skip, select_convs
 from rewriter.lowrank_sensitivity import rewritten_outputs, single_layer_errors
 from rewriter.report import PassReport
+
+#: Without a named rank rule: the most task error a layer may cost per share of the model's MACs
+#: it saves (the whole 0.01 fidelity budget must buy at least 10% of the MACs).
+DEFAULT_MAX_COST_PER_SAVING = 0.1
 
 
 @dataclass
@@ -91,6 +96,17 @@ class LowRankOptions(PassOptions):
                                    "model is worse than the per-layer errors predict", ge=0)
     min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
                                            "(default --min-samples, 16)")
+    max_cost_per_saving: float | None = option(
+        None, "with --calib and no target: leave alone a layer whose measured task error per "
+              "share of the model's MACs it saves exceeds this (default 0.1 when no ratio, "
+              "rank or energy is named, else off; 0: keep every layer)", ge=0)
+
+    def cost_cap(self) -> float:
+        """The payoff rule in force: an explicit rank rule is the user's call, kept as asked."""
+        if self.max_cost_per_saving is not None:
+            return self.max_cost_per_saving
+        named = any(getattr(self, n) is not None for n in ("ratio", "rank", "energy"))
+        return 0.0 if named else DEFAULT_MAX_COST_PER_SAVING
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy", "target") if getattr(self, n) is not None]
@@ -209,6 +225,16 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     def start(layer: ConvLayer, rank) -> object:
         return start_factors(layer, spec, rank)
 
+    layer_of = {x.index: x for x in layers}
+
+    def alone(ranks: dict) -> dict:
+        """Per layer index: the held-out task error with only that layer rewritten (cached)."""
+        got = single_layer_errors(original, [layer_of[i] for i in ranks],
+                                  {i: [r] for i, r in ranks.items()}, start,
+                                  context.holdout.inputs, reference, emit_trial, init, metric,
+                                  metric_key, context.log)
+        return {i: e for (i, _), e in got.items()}
+
     measured = _allocate_measured(opts, methods, context, timer)
     errors: dict = {}
     grid: dict = {}
@@ -289,6 +315,11 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
                                                                opts.energy, opts.round))
         if timer is not None:
             plan = drop_slower(layers, plan, timer, timing.min_gain)
+        if context.holdout is not None and opts.sensitivity and opts.cost_cap() > 0:
+            saved = {i: layer_of[i].macs - methods[0].macs_after(layer_of[i], r)
+                     for i, r in plan.ranks.items()}
+            plan = drop_unprofitable(layers, plan, alone(plan.ranks), saved,
+                                     selection.total_macs, opts.cost_cap())
     plan.reasons = {**slow_reasons, **plan.reasons}
     for x in layers:
         if x.index not in plan.ranks and grid.get(x.index):
@@ -305,11 +336,7 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     measured_out = conv_output_errors(model, original, layers, emitted, context)
     sensitivity = {}
     if context.holdout is not None and opts.sensitivity:
-        chosen = single_layer_errors(
-            original, [x for x in layers if x.index in plan.ranks],
-            {i: [r] for i, r in plan.ranks.items()}, start, context.holdout.inputs, reference,
-            emit_trial, init, metric, metric_key)
-        sensitivity = {i: e for (i, _), e in chosen.items()}
+        sensitivity = alone(plan.ranks)
     task = {x.index: _task_details(x.index, plan, grid, errors) for x in layers}
     record_applied(report, layers, plan, emitted, spec, measured_out, sensitivity, timer, task)
     fitted = {layer.name: settings.details[layer.index] for layer in layers

@@ -551,3 +551,26 @@ def test_detector_measured_allocation_keeps_detections():
     ref = decode(runtime.run_all(result.original, feeds)["output0"])
     got = decode(runtime.run_all(result.model, feeds)["output0"])
     assert detection_f1(ref, got) >= 0.8
+
+
+def test_default_pass_leaves_alone_what_costs_the_task_out_of_proportion():
+    """White-noise inputs leave a random kernel no low-rank slack: each halved layer costs far
+    more task error than its share of the MACs is worth, so the default pass skips it and says
+    why; a rank-4 input makes the first layer's rewrite nearly free, and it is applied. A named
+    ratio is the user's call and is applied either way."""
+    rng = np.random.default_rng(3)
+    white = CalibrationSet({"x": rng.standard_normal((48, 32, 12, 12)).astype(np.float32)},
+                           source="test")
+    skipped = rewrite(load(_relu_stack()), ["bottleneck"], calib=white).report.passes[0]
+    reasons = [d.reason for d in skipped.decisions if not d.applied]
+    assert skipped.n_applied == 0 and len(reasons) == 3
+    assert all(r.startswith("does not pay: task error") for r in reasons), reasons
+    base = rng.standard_normal((48, 4, 12, 12))
+    low_rank = np.einsum("ck,nkhw->nchw", rng.standard_normal((32, 4)), base)
+    correlated = CalibrationSet({"x": low_rank.astype(np.float32)}, source="test")
+    applied = rewrite(load(_relu_stack()), ["bottleneck"], calib=correlated).report.passes[0]
+    first = next(d for d in applied.decisions if d.node == "conv0")
+    assert first.applied  # sees the rank-4 input itself; the ReLU'd layers after it need not
+    assert all(d.reason.startswith("does not pay") for d in applied.decisions if not d.applied)
+    asked = rewrite(load(_relu_stack()), ["bottleneck:ratio=0.5"], calib=white).report.passes[0]
+    assert asked.n_applied == 3

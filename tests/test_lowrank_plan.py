@@ -3,6 +3,8 @@ bisection against a caller's test, and the Tucker-2 estimate counting both trunc
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from rewriter import load
@@ -11,6 +13,7 @@ from rewriter.lowrank_methods import METHODS, Rank
 from rewriter.lowrank_plan import (
     RankRule,
     auto_cut,
+    drop_unprofitable,
     layer_choices,
     plan_by_rule,
     plan_for_target,
@@ -79,3 +82,15 @@ def test_tucker_estimate_counts_the_output_truncation():
     # Tucker-2 truncates both modes: no better than either truncation alone, no worse than
     # truncating them one after the other (the HOSVD bound that its ALS fit improves on).
     assert max(only_in, out_side) - 1e-9 <= both <= np.hypot(only_in, out_side) + 1e-9
+
+
+def test_a_layer_whose_task_cost_is_out_of_proportion_to_its_saving_is_left_alone():
+    cheap, costly = _layer(0), _layer(1)
+    costly = dataclasses.replace(costly, index=1)
+    plan = plan_by_rule([cheap, costly], METHODS["in"], _spectra([cheap, costly]), RankRule())
+    saved = {i: 1000.0 for i in plan.ranks}
+    # each saves 10% of a 10,000-MAC model: 0.005 error pays (0.05 per unit), 0.02 does not
+    out = drop_unprofitable([cheap, costly], plan, {0: 0.005, 1: 0.02}, saved, 10_000, 0.1)
+    assert set(out.ranks) == {0}
+    assert out.reason(1).startswith("does not pay: task error 0.02 for 10.00% of the model's")
+    assert out.details[1]["task_error"] == 0.02
