@@ -10,7 +10,8 @@ svd / whitened / refit at several whole-model targets, and marks `target=auto`'s
     .venv/bin/python -m bench.bench_detector --case refit:0.5:steps=800   # chosen rows only
     .venv/bin/python -m bench.bench_detector --case refit/auto:0.4         # method=auto
 
-A case is INIT[/METHOD]:TARGET[:DISTILL]: METHOD `mode` (one factorization, `in`, everywhere;
+A case is INIT[/METHOD]:TARGET[:DISTILL]: TARGET a share, `auto`, or `none` (the pass's rank rule
+with its task-cost check); METHOD `mode` (one factorization, `in`, everywhere;
 the rows of the quick bench) or `auto` (per layer by measured task error, the pass's default with
 a target and calibration data); DISTILL the `--distill` options (torch extra).
 
@@ -76,7 +77,8 @@ def detector_case(
     calib, images, truth = data
     init, _, method = init.partition("/")
     method = method or "mode"
-    spec = f"bottleneck:target={target},init={init},method={method}"
+    spec = f"bottleneck:init={init},method={method}" + (
+        "" if target is None else f",target={target}")
     started = time.perf_counter()
     result = rewrite(load(MODEL), ["fold-bn", spec], calib=calib, distill=distill)
     rewrite_s = time.perf_counter() - started
@@ -145,7 +147,7 @@ def detector_markdown(out: dict[str, Any]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         target = f"auto ({r['auto_target']:.1%})" if r["auto"] and r.get("auto_target") else (
-            r["target"])
+            "none" if r["target"] is None else r["target"])
         init = r["init"] + (", method=auto" if r.get("method") == "auto" else "") + (
             f" + distill {r['distill']}" if r.get("distill") else "")
         lines.append(
@@ -186,10 +188,11 @@ def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = No
 
 
 def parse_case(text: str) -> tuple[str, Any, str | None]:
-    """`refit:0.5`, `refit/auto:0.5` or `refit:0.5:steps=800,lr=1e-3` -> (init[/method],
-    target, distill options)."""
+    """`refit:0.5`, `refit/auto:0.5`, `refit:none` or `refit:0.5:steps=800,lr=1e-3` ->
+    (init[/method], target, distill options)."""
     init, target, *rest = text.split(":", 2)
-    return init, target if target == "auto" else float(target), rest[0] if rest else None
+    value = target if target == "auto" else None if target == "none" else float(target)
+    return init, value, rest[0] if rest else None
 
 
 def main() -> None:

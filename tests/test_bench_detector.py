@@ -1,8 +1,12 @@
-"""bench_detector's summary: the largest cut keeping mAP within 1 point, auto's pick marked."""
+"""bench_detector's summary (the largest cut keeping mAP within 1 point, auto's pick marked),
+its larger calibration sets, and bench_int8's bound on what a MAC cut buys over int8."""
 
 from __future__ import annotations
 
-from bench.bench_detector import detector_markdown, summarize
+import numpy as np
+
+from bench.bench_detector import _data, detector_markdown, summarize
+from bench.bench_int8 import amdahl_bound
 
 
 def row(init: str, target, removed: float, after: float, auto: bool = False) -> dict:
@@ -25,3 +29,19 @@ def test_summary_picks_the_largest_cut_within_one_point_and_reports_auto():
     assert summary["auto"]["map50_after"] == 0.5
     text = detector_markdown({"rows": rows, "summary": summary})
     assert "auto (65.0%)" in text and "50.0% (`refit:0.5`)" in text
+
+
+def test_more_calibration_scenes_start_with_the_shipped_ones():
+    """--calib-scenes regenerates from the shipped set's seed: a superset, not other scenes."""
+    shipped = _data()[0].inputs["images"]
+    more = _data(len(shipped) + 8)[0]
+    assert more.n == len(shipped) + 8
+    np.testing.assert_array_equal(more.inputs["images"][: len(shipped)], shipped)
+
+
+def test_int8_amdahl_bound_reads_the_conv_share_of_the_profile():
+    profile = {"per_op_ms": {"QLinearConv": 0.4, "ConvInteger": 0.1, "QLinearSigmoid": 0.5},
+               "total_ms": 1.0}
+    bound = amdahl_bound(profile, 0.4)
+    assert bound["conv_time_share"] == 0.5
+    assert bound["best_speedup_vs_int8"] == round(1 / (1 - 0.5 * 0.4), 4)
