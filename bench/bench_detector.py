@@ -77,8 +77,8 @@ def detector_case(
     calib, images, truth = data
     init, _, method = init.partition("/")
     method = method or "mode"
-    spec = f"bottleneck:init={init},method={method}" + (
-        "" if target is None else f",target={target}")
+    spec = "bottleneck:" + ("" if target is None else f"target={target},") + (
+        f"init={init},method={method}")
     started = time.perf_counter()
     result = rewrite(load(MODEL), ["fold-bn", spec], calib=calib, distill=distill)
     rewrite_s = time.perf_counter() - started
@@ -175,13 +175,17 @@ def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = No
         cases += [("refit", 0.5, DISTILL)] if full else []
         cases.append(("refit", "auto", None))
     rows = [detector_case(init, target, data, distill) for init, target, distill in cases]
+    path = CASES_RESULTS if chosen else RESULTS
+    if calib_scenes:
+        path = path.with_name(f"{path.stem}_calib{calib_scenes}.json")
+    if chosen and path.exists():  # chosen cases accumulate; a rerun replaces its own row
+        fresh = {(r["options"], r["distill"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text()).get("rows", [])
+                if (r["options"], r["distill"]) not in fresh] + rows
     out["rows"] = rows
     out["summary"] = summarize(rows)
     out["wall_s"] = round(time.perf_counter() - started, 1)
     out["markdown"] = detector_markdown(out)
-    path = CASES_RESULTS if chosen else RESULTS
-    if calib_scenes:
-        path = path.with_name(f"{path.stem}_calib{calib_scenes}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
