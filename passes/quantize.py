@@ -44,6 +44,9 @@ DEFAULT_MAX_ERROR = 0.02
 LARGE_MODEL_BYTES = 1_500_000_000
 #: MAC floor of a block when ranking by error per MAC (a decode tail has almost none).
 MAC_FLOOR_SHARE = 0.01
+#: A block kept in float must lower the task error by at least this share of it: a smaller drop
+#: costs int8 speed for nothing the gate can see.
+MIN_ERROR_DROP = 0.05
 
 
 @dataclasses.dataclass
@@ -304,7 +307,8 @@ class ExclusionSearch:
                 gain = (self.error - error) / max(self._float_macs(block.nodes), floor)
                 log(f"quantize: [{self.quantizer.calls}/{opts.max_calls}] float {block.name}: "
                     f"task error {error:.4g}")
-                if error < self.error and (best is None or gain > best[0]):
+                if error < self.error * (1 - MIN_ERROR_DROP) and (best is None
+                                                                  or gain > best[0]):
                     best = (gain, block, trial, error)
             if best is None and self.quantizer.calls < opts.max_calls:
                 # nothing helped alone: look one step further back, keeping these blocks
@@ -317,7 +321,8 @@ class ExclusionSearch:
                     continue
             if best is None:
                 report.note(f"auto-exclude stopped: no candidate block lowers the task error "
-                            f"{self.error:.4g} (target {opts.max_error:g})")
+                            f"{self.error:.4g} by {MIN_ERROR_DROP:.0%} or more "
+                            f"(target {opts.max_error:g})")
                 break
             _, block, path, error = best
             new = [n for n in block.nodes if n not in self.in_float]
