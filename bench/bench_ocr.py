@@ -9,8 +9,10 @@ The rec model is run through `bottleneck` too, to record why it is left alone.
 
     .venv/bin/python -m bench.bench_ocr          # quick: 20 pages, target 0.3 (~3-4 min, 2 cores)
     .venv/bin/python -m bench.bench_ocr --full   # 40 pages, the whole matrix (~25 min)
+    .venv/bin/python -m bench.bench_ocr --config bottleneck:target=0.4,method=auto --calib 48
 
-Writes bench/results/ocr.json. Rewritten models and calibration npz are cached under /tmp.
+Writes bench/results/ocr.json (`--config`: chosen rewrites on the full plan's 40 pages, to
+ocr_cases.json). Rewritten models and calibration npz are cached under /tmp.
 """
 
 from __future__ import annotations
