@@ -318,8 +318,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         if context.holdout is not None and opts.sensitivity and opts.cost_cap() > 0:
             saved = {i: layer_of[i].macs - methods[0].macs_after(layer_of[i], r)
                      for i, r in plan.ranks.items()}
-            plan = drop_unprofitable(layers, plan, alone(plan.ranks), saved,
-                                     selection.total_macs, opts.cost_cap())
+            plan = drop_unprofitable(plan, alone(plan.ranks), saved, selection.total_macs,
+                                     opts.cost_cap())
     plan.reasons = {**slow_reasons, **plan.reasons}
     for x in layers:
         if x.index not in plan.ranks and grid.get(x.index):

@@ -84,23 +84,21 @@ def plan_by_rule(layers: Sequence[ConvLayer], method: Method,
     return plan
 
 
-def drop_unprofitable(layers: Sequence[ConvLayer], plan: Plan, errors: Mapping[int, float],
-                      saved: Mapping[int, float], total_macs: float, max_cost: float) -> Plan:
+def drop_unprofitable(plan: Plan, errors: Mapping[int, float], saved: Mapping[int, float],
+                      total_macs: float, max_cost: float) -> Plan:
     """Without a target: leave alone the planned layers whose measured task error (that layer
     rewritten alone) is out of proportion to the share of the model's MACs it saves, i.e. above
     `max_cost` per unit of share (0.1: the whole 0.01 fidelity budget for 10% of the MACs)."""
-    for layer in layers:
-        if layer.index not in plan.ranks or layer.index not in errors:
-            continue
-        error, share = errors[layer.index], saved[layer.index] / max(total_macs, 1e-12)
+    for index in [i for i in plan.ranks if i in errors]:
+        error, share = errors[index], saved[index] / max(total_macs, 1e-12)
         cost = error / max(share, 1e-12)
         if cost > max_cost:
-            rank = plan.ranks.pop(layer.index)
-            plan.reasons[layer.index] = (
+            rank = plan.ranks.pop(index)
+            plan.reasons[index] = (
                 f"does not pay: task error {error:.3g} for {share:.2%} of the model's MACs "
                 f"({cost:.3g} per unit saved > max-cost-per-saving {max_cost:g})")
-            plan.details[layer.index] = {"rank": rank.r, "task_error": error,
-                                         "macs_share_saved": round(share, 6)}
+            plan.details[index] = {"rank": rank.r, "task_error": error,
+                                   "macs_share_saved": round(share, 6)}
     return plan
 
 

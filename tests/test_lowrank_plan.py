@@ -90,7 +90,7 @@ def test_a_layer_whose_task_cost_is_out_of_proportion_to_its_saving_is_left_alon
     plan = plan_by_rule([cheap, costly], METHODS["in"], _spectra([cheap, costly]), RankRule())
     saved = {i: 1000.0 for i in plan.ranks}
     # each saves 10% of a 10,000-MAC model: 0.005 error pays (0.05 per unit), 0.02 does not
-    out = drop_unprofitable([cheap, costly], plan, {0: 0.005, 1: 0.02}, saved, 10_000, 0.1)
+    out = drop_unprofitable(plan, {0: 0.005, 1: 0.02}, saved, 10_000, 0.1)
     assert set(out.ranks) == {0}
     assert out.reason(1).startswith("does not pay: task error 0.02 for 10.00% of the model's")
     assert out.details[1]["task_error"] == 0.02
