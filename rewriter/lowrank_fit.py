@@ -118,7 +118,7 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
                 ) -> dict[int, Factorization]:
     """Least squares for each member's last conv on the rewritten model's activations (one
     session serves the first solve and the reduce alternations)."""
-    session = runtime.make_session(runtime.with_outputs(model, sorted(set(x_names.values()))),
+    session = runtime.make_session(runtime.only_outputs(model, sorted(set(x_names.values()))),
                                    optimize=False)
 
     def feed(group: Sequence[ConvLayer], accs: Mapping[int, object]) -> None:

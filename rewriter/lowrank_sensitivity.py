@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
+from rewriter.downstream import Downstream, cut_below
 from rewriter.fidelity import compare_arrays
 from rewriter.graph import Namer
 from rewriter.lowrank_methods import Factorization, Rank
@@ -69,15 +70,41 @@ def single_layer_errors(original: ir.Model, layers: Sequence[ConvLayer],
     model_key = fingerprint(original, inputs)
     out: dict[tuple[int, Rank], float] = {}
     for layer in layers:
-        for rank in grid.get(layer.index, ()):
-            key = (model_key, layer.index, layer.name, rank, init, metric.__qualname__,
-                   metric_key)
+        keys = {rank: (model_key, layer.index, layer.name, rank, init, metric.__qualname__,
+                       metric_key) for rank in grid.get(layer.index, ())}
+        trial = _LayerTrial(original, layer, inputs, reference, emit)
+        for rank, key in keys.items():
             if key not in _CACHE:
-                got = rewritten_outputs(original, [(layer, factors(layer, rank))], inputs, emit)
-                _CACHE[key] = metric(reference, got)
+                _CACHE[key] = metric(reference, trial.outputs(factors(layer, rank)))
                 log(f"sensitivity: {layer.name} {rank} -> {_CACHE[key]:.4g}")
             out[(layer.index, rank)] = _CACHE[key]
     return out
+
+
+class _LayerTrial:
+    """Outputs of the model with one layer replaced, run from that layer down on the original's
+    captured activations (`rewriter.downstream`; the cut and its feeds are made on first use),
+    or whole where the model cannot be cut."""
+
+    def __init__(self, original: ir.Model, layer: ConvLayer, inputs: Mapping[str, np.ndarray],
+                 reference: Outputs, emit: EmitFn) -> None:
+        self.original, self.layer, self.inputs = original, layer, inputs
+        self.reference, self.emit = reference, emit
+        self.cut: Downstream | None = None
+        self.feeds: dict[str, np.ndarray] | None = None
+
+    def outputs(self, factors: Factorization) -> Outputs:
+        if self.feeds is None:
+            self.cut = cut_below(self.original, self.layer.index)
+            self.feeds = (self.cut.feeds(self.original, self.inputs) if self.cut else None) or {}
+            if not self.feeds:
+                self.cut = None
+        if self.cut is None:
+            return rewritten_outputs(self.original, [(self.layer, factors)], self.inputs,
+                                     self.emit)
+        trial = self.cut.model.clone()
+        self.emit(trial, list(trial.graph)[self.cut.index], self.layer, factors, Namer(trial))
+        return self.cut.outputs(trial, self.feeds, self.reference)
 
 
 def clear_cache() -> None:
