@@ -21,7 +21,13 @@ from rewriter.errors import PassError
 from rewriter.evidence import check_evidence
 from rewriter.fidelity import judge_candidate, task_error
 from rewriter.graph import Namer
-from rewriter.lowrank_allocate import back_off, measured_choices, measured_grid
+from rewriter.lowrank_allocate import (
+    MISJUDGED,
+    back_off,
+    measured_choices,
+    measured_grid,
+    predicted_error,
+)
 from rewriter.lowrank_emit import emit
 from rewriter.lowrank_fit import FitSettings, fit_and_emit, spectra, start_factors
 from rewriter.lowrank_measure import (
@@ -303,10 +309,19 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
         if measured and plan.ranks:
 
             def whole(p: Plan) -> float:
+                """The plan's held-out task error with the start factors (one run); where that
+                looks misjudged and the fit is refit, as refit would emit it (a copy refit:
+                it often recovers what the start factors lose, and then nothing backs off)."""
                 rewrites = [(x, start(x, p.ranks[x.index])) for x in layers
                             if x.index in p.ranks]
-                return metric(reference, rewritten_outputs(
+                error = metric(reference, rewritten_outputs(
                     original, rewrites, context.holdout.inputs, emit_trial))
+                if init != "refit" or error <= MISJUDGED * max(predicted_error(p, errors),
+                                                               1e-12):
+                    return error
+                trial = original.clone()
+                rewrite_into(trial, dict(p.ranks))
+                return metric(reference, runtime.run_all(trial, context.holdout.inputs))
 
             plan, _ = back_off(plan, layer_choices_now, errors, whole, opts.backoff_steps,
                                context.log)
