@@ -11,8 +11,8 @@ The rec model is run through `bottleneck` too, to record why it is left alone.
     .venv/bin/python -m bench.bench_ocr --full   # 40 pages, the whole matrix (~25 min)
     .venv/bin/python -m bench.bench_ocr --config bottleneck:target=0.4,method=auto --calib 48
 
-Writes bench/results/ocr.json (`--config`: chosen rewrites on the full plan's 40 pages, to
-ocr_cases.json). Rewritten models and calibration npz are cached under /tmp.
+Writes bench/results/ocr.json (`--config`: chosen rewrites on the full plan's 40 pages, added
+to ocr_cases.json). Rewritten models and calibration npz are cached under /tmp.
 """
 
 from __future__ import annotations
@@ -287,14 +287,15 @@ def run(full: bool = False, configs: list[str] | None = None,
         "pages": len(pages), "page_size": PAGE_SIZE, "calibration_pages": plan["calib"],
         "det": det_structure(),
         "original": {"macs": macs_before, **ground_truth_accuracy(pages, reference)},
-        "rewrites": [],
+        "rewrites": _other_cases(results, plan) if configs else [],
     }
     calib_x = np.load(calib)["x"][:1]
     for k, spec in enumerate(plan["configs"]):
         path, info = rewrite_det(spec, calib, f"{'full' if full else 'quick'}-{k}")
         readings = read_pages(ocr_engine(path), pages)
         macs = det_macs(path)
-        row = {"spec": spec, "macs": macs, "macs_removed": round(1 - macs / macs_before, 4),
+        row = {"spec": spec, "calibration_pages": plan["calib"], "macs": macs,
+               "macs_removed": round(1 - macs / macs_before, 4),
                **compare_readings(reference, readings),
                "ground_truth": ground_truth_accuracy(pages, readings), **info}
         if full or k == 0:
@@ -312,6 +313,18 @@ def run(full: bool = False, configs: list[str] | None = None,
     out["wall_s"] = round(time.perf_counter() - started, 1)
     _write(out, results)
     return out
+
+
+def _other_cases(path: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chosen cases accumulate in ocr_cases.json: the earlier rows this run does not redo (same
+    spec and calibration pages)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    redo = {(spec, plan["calib"]) for spec in plan["configs"]}
+    rows = [{**r, "calibration_pages": r.get("calibration_pages", old.get("calibration_pages"))}
+            for r in old.get("rewrites", [])]
+    return [r for r in rows if (r["spec"], r["calibration_pages"]) not in redo]
 
 
 def _write(out: dict[str, Any], path: Path) -> None:
@@ -342,11 +355,12 @@ def markdown(out: dict[str, Any]) -> str:
     orig = out["original"]
     lines = [f"PP-OCRv4 det, {out['pages']} rendered pages ({out['page_size']}px), "
              f"original char accuracy {orig['char_accuracy']:.4f}",
-             "", "| det rewrite | MACs removed | lines unchanged | same chars | char acc. "
-             "| speedup (1 thr) |", "|---|---|---|---|---|---|"]
+             "", "| det rewrite | calib pages | MACs removed | lines unchanged | same chars "
+             "| char acc. | speedup (1 thr) |", "|---|---|---|---|---|---|---|"]
     for r in out["rewrites"]:
         speed = r.get("latency_threads1", {}).get("speedup", {}).get("median")
-        lines.append(f"| `{r['spec']}` | {r['macs_removed']:.1%} | {r['unchanged_share']:.1%} "
+        lines.append(f"| `{r['spec']}` | {r.get('calibration_pages', out['calibration_pages'])} "
+                     f"| {r['macs_removed']:.1%} | {r['unchanged_share']:.1%} "
                      f"| {r['same_chars_share']:.1%} "
                      f"| {r['ground_truth']['char_accuracy']:.4f} | "
                      f"{'' if speed is None else f'{speed:.2f}x'} |")
