@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
+from rewriter.graph import remove_unused
 
 Outputs = Mapping[str, np.ndarray]
 #: Values fed from the capture must be batch-major data of these types; anything else (shapes,
@@ -100,7 +101,7 @@ def cut_below(original: ir.Model, index: int) -> Downstream | None:
     listed = [v for v in graph.inputs if v.name in graph.initializers]  # IR < 4 lists them
     graph.inputs.clear()
     graph.inputs.extend([*boundary.values(), *listed])
-    runtime.remove_nodes(graph, [node for node in nodes if node not in below])
+    remove_unused(model)  # the upstream nodes: nothing left reads them
     return Downstream(model, list(graph).index(start), list(boundary))
 
 

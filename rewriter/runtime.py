@@ -15,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter.errors import OnexoneError
+from rewriter.graph import remove_unused
 
 _IN_MEMORY_LIMIT = 1_500_000_000  # bytes of weights; above it the session loads from a temp file
 
@@ -116,32 +117,11 @@ def only_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     graph whatever is fetched, so the nodes they do not depend on are removed (a capture of an
     early layer's input then costs a few nodes, not the model)."""
     clone = with_outputs(model, names)
-    graph = clone.graph
-    wanted = [v for v in graph.outputs if v.name in set(names)]
-    needed: set[ir.Node] = set()
-    stack = [v.producer() for v in wanted]
-    while stack:
-        node = stack.pop()
-        if node is None or node in needed:
-            continue
-        needed.add(node)
-        stack.extend(v.producer() for v in node.inputs if v is not None)
-    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-           for node in needed for attr in node.attributes.values()):
-        return clone  # a subgraph may read outer values its node does not list: keep it all
-    graph.outputs.clear()
-    graph.outputs.extend(wanted)
-    remove_nodes(graph, [node for node in graph if node not in needed])
+    wanted = [v for v in clone.graph.outputs if v.name in set(names)]
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(wanted)
+    remove_unused(clone)
     return clone
-
-
-def remove_nodes(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
-    """Remove `nodes` (whose outputs nothing left reads) and the initializers only they read;
-    an initializer listed as a graph input (IR < 4) stays, with its listing."""
-    graph.remove(list(nodes), safe=False)
-    listed = {v.name for v in graph.inputs}
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and n not in listed]:
-        del graph.initializers[name]
 
 
 def iter_batches(
