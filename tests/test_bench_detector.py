@@ -32,11 +32,13 @@ def test_summary_picks_the_largest_cut_within_one_point_and_reports_auto():
 
 
 def test_more_calibration_scenes_start_with_the_shipped_ones():
-    """--calib-scenes regenerates from the shipped set's seed: a superset, not other scenes."""
+    """--calib-scenes regenerates from the shipped set's seed: a superset, not other scenes
+    (identical up to one 8-bit level where another numpy/scikit-image rounds a resize apart)."""
     shipped = _data()[0].inputs["images"]
     more = _data(len(shipped) + 8)[0]
     assert more.n == len(shipped) + 8
-    np.testing.assert_array_equal(more.inputs["images"][: len(shipped)], shipped)
+    np.testing.assert_allclose(more.inputs["images"][: len(shipped)], shipped, rtol=0,
+                               atol=1 / 255 + 1e-6)
 
 
 def test_int8_amdahl_bound_reads_the_conv_share_of_the_profile():
