@@ -19,7 +19,7 @@ from rewriter import conv_timing, lowrank, runtime
 from rewriter.context import PassContext
 from rewriter.errors import PassError
 from rewriter.evidence import check_evidence
-from rewriter.fidelity import judge_candidate, task_error
+from rewriter.fidelity import judge_candidate, measured_groups, task_error
 from rewriter.graph import Namer
 from rewriter.lowrank_allocate import (
     MISJUDGED,
@@ -220,7 +220,11 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     reference = context.holdout_reference(original) if context.holdout is not None else None
     groups = context.groups or None
 
+    bound = measured_groups(reference, groups) if reference is not None else None
+
     def metric(ref, got) -> float:  # the worst output group's task error
+        if ref is reference and bound is not None:
+            return task_error(ref, got, bound, prebound=True)
         return task_error(ref, got, groups)
 
     metric_key = repr(groups)

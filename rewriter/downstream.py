@@ -9,7 +9,7 @@ outputs the conv does not reach are the original's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,8 @@ from rewriter.graph import remove_unused
 Outputs = Mapping[str, np.ndarray]
 #: Values fed from the capture must be batch-major data of these types; anything else (shapes,
 #: sizes, scales, indices computed upstream) is recomputed inside the cut from its own inputs.
+#: Held-out activations captured at once to feed several cuts (one run of the original).
+FEED_BYTES = 1 << 30
 DATA_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                         ir.DataType.DOUBLE})
 
@@ -37,20 +39,23 @@ class Downstream:
     def feeds(self, original: ir.Model, inputs: Outputs) -> dict[str, np.ndarray] | None:
         """The boundary values on `inputs`: model inputs as given, the rest captured from the
         original (one run); None if one is not batch-major after all (then run whole)."""
+        return next(feeds_in_chunks([self], original, inputs))
+
+    def wanted(self, inputs: Outputs) -> list[str]:
+        """The boundary values a capture of the original has to provide."""
+        return [name for name in self.boundary if name not in inputs]
+
+    def assemble(self, inputs: Outputs, captured: Mapping[str, np.ndarray]
+                 ) -> dict[str, np.ndarray] | None:
+        """The feeds from the given inputs and the captured values; None when a captured value
+        is not one row per sample (a shape or a scalar computed upstream)."""
+        samples = len(next(iter(inputs.values())))
         feeds = {name: inputs[name] for name in self.boundary if name in inputs}
-        wanted = [name for name in self.boundary if name not in inputs]
-        if wanted:
-            parts: dict[str, list[np.ndarray]] = {}
-            for batch in runtime.capture(original, wanted, inputs):
-                for name in wanted:
-                    parts.setdefault(name, []).append(batch[name])
-            samples = len(next(iter(inputs.values())))
-            for name, arrays in parts.items():
-                if any(np.ndim(a) == 0 for a in arrays):
-                    return None
-                feeds[name] = np.concatenate(arrays, axis=0)
-                if len(feeds[name]) != samples:
-                    return None
+        for name in self.wanted(inputs):
+            value = captured[name]
+            if np.ndim(value) == 0 or len(value) != samples:
+                return None
+            feeds[name] = value
         return feeds
 
     def outputs(self, model: ir.Model, feeds: Outputs, reference: Outputs) -> dict[str, np.ndarray]:
@@ -58,6 +63,48 @@ class Downstream:
         original's `reference` for those the conv does not reach."""
         got = runtime.run_all(model, feeds)
         return {name: got.get(name, reference[name]) for name in reference}
+
+
+def feeds_in_chunks(cuts: Sequence[Downstream], original: ir.Model, inputs: Outputs,
+                    budget: int = FEED_BYTES) -> Iterator[dict[str, np.ndarray] | None]:
+    """Each cut's feeds (see `Downstream.assemble`), in order. Consecutive cuts share one run of
+    the original while the values they capture fit `budget` bytes together (sizes from a
+    one-sample probe): per-layer captures were a third of a sensitivity sweep's time."""
+    names = sorted({name for cut in cuts for name in cut.wanted(inputs)})
+    if not names:
+        for cut in cuts:
+            yield cut.assemble(inputs, {})
+        return
+    samples = len(next(iter(inputs.values())))
+    probe = _captured(original, names, {k: v[:1] for k, v in inputs.items()})
+    per_sample = {name: probe[name].nbytes for name in names}
+    start = 0
+    while start < len(cuts):
+        stop, used, chunk_names = start, 0, set()
+        while stop < len(cuts):
+            new = set(cuts[stop].wanted(inputs)) - chunk_names
+            need = samples * sum(per_sample[name] for name in new)
+            if stop > start and used + need > budget:
+                break
+            used += need
+            chunk_names |= new
+            stop += 1
+        captured = _captured(original, sorted(chunk_names), inputs) if chunk_names else {}
+        for cut in cuts[start:stop]:
+            yield cut.assemble(inputs, captured)
+        del captured  # before the next chunk's capture: at most one chunk held
+        start = stop
+
+
+def _captured(original: ir.Model, names: Sequence[str], inputs: Outputs
+              ) -> dict[str, np.ndarray]:
+    """The named values of the original over all of `inputs` (one run, batches joined)."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in runtime.capture(original, list(names), inputs):
+        for name in names:
+            parts[name].append(batch[name])
+    return {name: (arrays[0] if any(np.ndim(a) == 0 for a in arrays)
+                   else np.concatenate(arrays, axis=0)) for name, arrays in parts.items()}
 
 
 def cut_below(original: ir.Model, index: int) -> Downstream | None:

@@ -180,10 +180,12 @@ def task_error(
     reference: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
     groups: Sequence[OutputGroup] | None = None,
+    prebound: bool = False,
 ) -> float:
     """The worst group's task error (lower is better; 0 is identical). What sensitivity,
-    allocation, `target=auto`, gates and quantize auto-exclusion read."""
-    bound = measured_groups(reference, groups)
+    allocation, `target=auto`, gates and quantize auto-exclusion read. `prebound`: `groups` are
+    already `measured_groups(reference, ...)` (a sweep of hundreds of trials binds them once)."""
+    bound = list(groups or ()) if prebound else measured_groups(reference, groups)
     return max(
         (group_metrics(g, reference[g.output], candidate[g.output])["task_error"] for g in bound),
         default=0.0,

@@ -9,13 +9,13 @@ rank, init), so `target=auto`, allocation and the report never measure the same 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
-from rewriter.downstream import Downstream, cut_below
+from rewriter.downstream import Downstream, cut_below, feeds_in_chunks
 from rewriter.fidelity import compare_arrays
 from rewriter.graph import Namer
 from rewriter.lowrank_methods import Factorization, Rank
@@ -68,43 +68,47 @@ def single_layer_errors(original: ir.Model, layers: Sequence[ConvLayer],
     """Per (layer index, rank): the model error with only that layer rewritten (cached;
     `metric_key` names what the metric depends on besides its code, e.g. the output groups)."""
     model_key = fingerprint(original, inputs)
-    out: dict[tuple[int, Rank], float] = {}
-    for layer in layers:
-        keys = {rank: (model_key, layer.index, layer.name, rank, init, metric.__qualname__,
-                       metric_key) for rank in grid.get(layer.index, ())}
-        trial = _LayerTrial(original, layer, inputs, reference, emit)
-        for rank, key in keys.items():
+    keys = {(layer.index, rank): (model_key, layer.index, layer.name, rank, init,
+                                  metric.__qualname__, metric_key)
+            for layer in layers for rank in grid.get(layer.index, ())}
+    todo = [layer for layer in layers
+            if any(keys[(layer.index, rank)] not in _CACHE for rank in grid.get(layer.index, ()))]
+    for layer, trial in zip(todo, _layer_trials(original, todo, inputs, reference, emit),
+                            strict=True):
+        for rank in grid.get(layer.index, ()):
+            key = keys[(layer.index, rank)]
             if key not in _CACHE:
-                _CACHE[key] = metric(reference, trial.outputs(factors(layer, rank)))
+                _CACHE[key] = metric(reference, trial(factors(layer, rank)))
                 log(f"sensitivity: {layer.name} {rank} -> {_CACHE[key]:.4g}")
-            out[(layer.index, rank)] = _CACHE[key]
-    return out
+    return {pair: _CACHE[key] for pair, key in keys.items()}
 
 
-class _LayerTrial:
-    """Outputs of the model with one layer replaced, run from that layer down on the original's
-    captured activations (`rewriter.downstream`; the cut and its feeds are made on first use),
-    or whole where the model cannot be cut."""
+Trial = Callable[[Factorization], Outputs]
 
-    def __init__(self, original: ir.Model, layer: ConvLayer, inputs: Mapping[str, np.ndarray],
-                 reference: Outputs, emit: EmitFn) -> None:
-        self.original, self.layer, self.inputs = original, layer, inputs
-        self.reference, self.emit = reference, emit
-        self.cut: Downstream | None = None
-        self.feeds: dict[str, np.ndarray] | None = None
 
-    def outputs(self, factors: Factorization) -> Outputs:
-        if self.feeds is None:
-            self.cut = cut_below(self.original, self.layer.index)
-            self.feeds = (self.cut.feeds(self.original, self.inputs) if self.cut else None) or {}
-            if not self.feeds:
-                self.cut = None
-        if self.cut is None:
-            return rewritten_outputs(self.original, [(self.layer, factors)], self.inputs,
-                                     self.emit)
-        trial = self.cut.model.clone()
-        self.emit(trial, list(trial.graph)[self.cut.index], self.layer, factors, Namer(trial))
-        return self.cut.outputs(trial, self.feeds, self.reference)
+def _layer_trials(original: ir.Model, layers: Sequence[ConvLayer],
+                  inputs: Mapping[str, np.ndarray], reference: Outputs, emit: EmitFn
+                  ) -> Iterator[Trial]:
+    """Per layer, in order: factors -> the model's outputs with only that layer replaced, run
+    from that layer down on the original's captured activations (`rewriter.downstream`; one
+    capture run feeds several layers), or whole where the model cannot be cut."""
+    cuts = {layer.index: cut_below(original, layer.index) for layer in layers}
+    usable = [cut for cut in cuts.values() if cut is not None]
+    feeds = iter(feeds_in_chunks(usable, original, inputs))
+    for layer in layers:
+        cut = cuts[layer.index]
+        fed = next(feeds) if cut is not None else None
+        if cut is None or not fed:
+            yield lambda f, layer=layer: rewritten_outputs(original, [(layer, f)], inputs, emit)
+            continue
+
+        def downstream(f: Factorization, cut: Downstream = cut, fed: Outputs = fed,
+                       layer: ConvLayer = layer) -> Outputs:
+            trial = cut.model.clone()
+            emit(trial, list(trial.graph)[cut.index], layer, f, Namer(trial))
+            return cut.outputs(trial, fed, reference)
+
+        yield downstream
 
 
 def clear_cache() -> None:

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import load, runtime
-from rewriter.downstream import cut_below
+from rewriter.downstream import cut_below, feeds_in_chunks
 from rewriter.graph import Namer
 from rewriter.lowrank_emit import emit
 from rewriter.lowrank_fit import start_factors
@@ -61,6 +61,27 @@ def test_a_cut_trial_gives_the_whole_models_outputs(detector):
             np.testing.assert_allclose(got[name], expected, rtol=1e-4,
                                        atol=1e-5 * float(np.abs(expected).max()))
         assert not np.allclose(got["output0"], reference["output0"])  # the rewrite is in it
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 40])
+def test_cuts_fed_together_get_the_feeds_each_would_capture_alone(detector, monkeypatch, budget):
+    """One capture run per chunk of cuts (a budget of 1 byte: one per cut; a huge one: one for
+    all): every cut's feeds equal its own capture, and the chunking sets the number of runs."""
+    model, inputs = detector
+    layers = select_convs(model).layers
+    cuts = [cut_below(model, layer.index) for layer in layers[:5]]
+    alone = [cut.feeds(model, inputs) for cut in cuts]
+    runs = []
+    real_capture = runtime.capture
+    monkeypatch.setattr(runtime, "capture",
+                        lambda *a, **k: runs.append(len(a[2]["images"])) or real_capture(*a, **k))
+    together = list(feeds_in_chunks(cuts, model, inputs, budget))
+    assert [sorted(f) for f in together] == [sorted(f) for f in alone]
+    for got, expected in zip(together, alone, strict=True):
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+    full_runs = [n for n in runs if n == len(inputs["images"])]  # not the one-sample probe
+    assert len(full_runs) == (len(cuts) if budget == 1 else 1)
 
 
 def test_only_outputs_computes_the_captured_values_on_their_ancestors(detector):
