@@ -8,6 +8,7 @@ intermediate result a plain value passed from one step to the next.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -207,6 +208,8 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     selection.layers = layers
     if not layers:
         record_skips(report, selection)
+        if opts.target is not None:
+            report.note(unreachable_target(opts.target, selection.skipped))
         report.note(f"{nothing}; model unchanged")
         return
     settings = FitSettings(opts.shrink, opts.ridge, opts.max_positions, refit_reduce)
@@ -367,6 +370,14 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     if timer is not None:
         record_timing_totals(report, timer, timing.threads,
                              budget if opts.target is not None else None)
+
+
+def unreachable_target(target: float | str, skipped: Sequence[Skip]) -> str:
+    """Why a target gets nothing: every conv was refused, counted by reason (a MobileNet-style
+    model is all pointwise and depthwise convs, which no low-rank method here factors)."""
+    reasons = Counter(skip.reason for skip in skipped)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "no convs"
+    return f"target={target} is out of reach: no conv this pass can factor ({why})"
 
 
 def _allocate_measured(opts: LowRankOptions, methods: Sequence[Method], context: PassContext,

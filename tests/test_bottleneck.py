@@ -148,6 +148,22 @@ def _model_of(nodes, inits, in_shape, extra_inputs=()) -> onnx.ModelProto:
     return make_model(nodes, [x, *extra_inputs], [y], inits)
 
 
+def test_a_target_on_a_model_of_only_pointwise_and_depthwise_convs_says_it_is_out_of_reach():
+    """MobileNet-style models (a PicoDet layout detector: 64 pointwise, 37 depthwise convs)
+    have nothing to factor: a target says so by reason instead of quietly doing nothing."""
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "Wd"], ["a"], name="dw", group=16, pads=[1] * 4),
+             helper.make_node("Conv", ["a", "Wp"], ["y"], name="pw")]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("Wd", (16, 1, 3, 3)), ("Wp", (16, 16, 1, 1))]]
+    result = rewrite(load(_model_of(nodes, inits, [1, 16, 8, 8])), ["bottleneck:target=0.3"],
+                     guard=False)
+    notes = result.report.passes[0].notes
+    assert ("target=0.3 is out of reach: no conv this pass can factor (1 depthwise conv, "
+            "1 pointwise already)") in notes
+    assert result.report.macs_after == result.report.macs_before
+
+
 def test_skip_reasons_and_nothing_to_do_leaves_the_model_unchanged():
     rng = np.random.default_rng(5)
     t = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
