@@ -19,10 +19,10 @@ from rewriter import runtime
 from rewriter.graph import remove_unused
 
 Outputs = Mapping[str, np.ndarray]
-#: Values fed from the capture must be batch-major data of these types; anything else (shapes,
-#: sizes, scales, indices computed upstream) is recomputed inside the cut from its own inputs.
 #: Held-out activations captured at once to feed several cuts (one run of the original).
 FEED_BYTES = 1 << 30
+#: Values fed from the capture must be batch-major data of these types; anything else (shapes,
+#: sizes, scales, indices computed upstream) is recomputed inside the cut from its own inputs.
 DATA_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                         ir.DataType.DOUBLE})
 
@@ -71,19 +71,17 @@ def feeds_in_chunks(cuts: Sequence[Downstream], original: ir.Model, inputs: Outp
     the original while the values they capture fit `budget` bytes together (sizes from a
     one-sample probe): per-layer captures were a third of a sensitivity sweep's time."""
     names = sorted({name for cut in cuts for name in cut.wanted(inputs)})
-    if not names:
-        for cut in cuts:
-            yield cut.assemble(inputs, {})
-        return
     samples = len(next(iter(inputs.values())))
-    probe = _captured(original, names, {k: v[:1] for k, v in inputs.items()})
-    per_sample = {name: probe[name].nbytes for name in names}
+    per_sample: dict[str, int] = {}
+    if names and len(cuts) > 1:  # sizes matter only where cuts could share a run
+        probe = _captured(original, names, {k: v[:1] for k, v in inputs.items()})
+        per_sample = {name: probe[name].nbytes for name in names}
     start = 0
     while start < len(cuts):
         stop, used, chunk_names = start, 0, set()
         while stop < len(cuts):
             new = set(cuts[stop].wanted(inputs)) - chunk_names
-            need = samples * sum(per_sample[name] for name in new)
+            need = samples * sum(per_sample.get(name, 0) for name in new)
             if stop > start and used + need > budget:
                 break
             used += need

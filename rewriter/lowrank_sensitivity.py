@@ -94,7 +94,7 @@ def _layer_trials(original: ir.Model, layers: Sequence[ConvLayer],
     capture run feeds several layers), or whole where the model cannot be cut."""
     cuts = {layer.index: cut_below(original, layer.index) for layer in layers}
     usable = [cut for cut in cuts.values() if cut is not None]
-    feeds = iter(feeds_in_chunks(usable, original, inputs))
+    feeds = feeds_in_chunks(usable, original, inputs)
     for layer in layers:
         cut = cuts[layer.index]
         fed = next(feeds) if cut is not None else None
