@@ -85,7 +85,7 @@ class BottleneckPass(RewritePass):
         if method == "auto" and opts.method is None:
             method = self._affordable_auto(model, opts)
         if method == "auto":
-            methods = [METHODS["in"], METHODS["in-out"], METHODS["spatial"]]
+            methods = list(AUTO_METHODS)
         else:
             methods = [METHODS[mode]]
         timing = None
@@ -104,8 +104,10 @@ class BottleneckPass(RewritePass):
         """
         from rewriter.lowrank_select import select_convs
 
-        selection = select_convs(model, select_rules(opts), self.context.input_shapes)
-        trials = len(selection.layers) * 3 * opts.measure_ranks
+        selection = select_convs(model, select_rules(opts, opts.pointwise is not False),
+                                 self.context.input_shapes)
+        trials = opts.measure_ranks * sum(m.refusal(layer) is None for layer in selection.layers
+                                          for m in AUTO_METHODS)
         held_out = self.context.holdout.n if self.context.holdout is not None else 0
         cost = trials * held_out * selection.total_macs
         if cost > MEASURE_BUDGET_MACS:
@@ -121,6 +123,8 @@ class BottleneckPass(RewritePass):
         return "auto"
 
 
+#: What method=auto chooses among, per layer.
+AUTO_METHODS = (METHODS["in"], METHODS["in-out"], METHODS["spatial"])
 #: Model MACs x held-out samples x trials the default method=auto may spend on measuring
 #: (a few minutes at the ~30-40 G MAC/s onnxruntime reaches on 2 cores, sessions included).
 MEASURE_BUDGET_MACS = 1e13

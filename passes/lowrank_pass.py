@@ -103,6 +103,10 @@ class LowRankOptions(PassOptions):
                                    "model is worse than the per-layer errors predict", ge=0)
     min_samples: int | None = option(None, "target=auto: fewest held-out samples to choose on "
                                            "(default --min-samples, 16)")
+    pointwise: bool | None = option(
+        None, "also factor 1x1 convs of at least 0.5% of the MACs into two narrower 1x1s "
+              "(C -> r -> O, saving where r < C·O/(C+O)); default on where a target allocates "
+              "on measured errors (method=auto), else off")
     max_cost_per_saving: float | None = option(
         None, "with --calib and no target: leave alone a layer whose measured task error per "
               "share of the model's MACs it saves exceeds this (default 0.1 when no ratio, "
@@ -146,10 +150,18 @@ class Timing:
     grid: int = 6
 
 
-def select_rules(opts: LowRankOptions) -> SelectRules:
-    """The candidate rules a low-rank pass's options name (include/exclude, size floors)."""
+def select_rules(opts: LowRankOptions, pointwise: bool = False) -> SelectRules:
+    """The candidate rules a low-rank pass's options name (include/exclude, size floors);
+    `pointwise`: the resolved `pointwise` option (`pointwise_on`)."""
     return SelectRules(tuple(opts.include), tuple(opts.exclude), opts.min_channels,
-                       opts.min_macs)
+                       opts.min_macs, pointwise)
+
+
+def pointwise_on(opts: LowRankOptions, measured: bool) -> bool:
+    """1x1 convs are candidates where the user says so, else where allocation is measured:
+    only a measured error tells a 1x1 that factors well from one that does not (a 1x1 must
+    drop to under half its rank to save anything), so no rank rule applies them blindly."""
+    return opts.pointwise if opts.pointwise is not None else measured
 
 
 def measures_on_holdout(opts: LowRankOptions, n_methods: int) -> bool:
@@ -202,7 +214,9 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     nothing = f"nothing to do: no conv where {what} " + (
         "saves MACs" if timing is None else "is measured faster in onnxruntime")
     original = context.before if context.before is not None else model.clone()
-    selection = select_convs(model, select_rules(opts), context.input_shapes)
+    measured = _allocate_measured(opts, methods, context, timing is not None)
+    selection = select_convs(model, select_rules(opts, pointwise_on(opts, measured)),
+                             context.input_shapes)
     layers, refused = usable_layers(selection.layers, methods)
     selection.skipped.extend(refused)
     selection.layers = layers
@@ -248,7 +262,6 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
                                   metric_key, context.log)
         return {i: e for (i, _), e in got.items()}
 
-    measured = _allocate_measured(opts, methods, context, timer)
     errors: dict = {}
     grid: dict = {}
     slow_reasons: dict[int, str] = {}
@@ -381,7 +394,7 @@ def unreachable_target(target: float | str, skipped: Sequence[Skip]) -> str:
 
 
 def _allocate_measured(opts: LowRankOptions, methods: Sequence[Method], context: PassContext,
-                       timer: conv_timing.ConvTimer | None) -> bool:
+                       timed: bool) -> bool:
     """Whether a target allocates on measured per-layer errors (see the `allocate` option)."""
     if opts.target is None or opts.allocate == "spectrum":
         return False
@@ -391,7 +404,7 @@ def _allocate_measured(opts: LowRankOptions, methods: Sequence[Method], context:
         if opts.allocate == "measured":
             raise PassError("allocate=measured needs held-out calibration data (--calib)")
         return False
-    if timer is not None:
+    if timed:
         raise PassError("allocate=measured ranks by MACs; it does not combine with "
                         "objective=latency")
     return True

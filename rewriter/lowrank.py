@@ -580,6 +580,26 @@ class RefitAccumulator:
         return Factors(self.reduce, kernel, b)
 
 
+def reduced_rank_fit(equations: NormalEquations, rank: int, kernel: Sequence[int],
+                     ridge: float = DEFAULT_RIDGE) -> Factors:
+    """The best rank-`rank` linear map from inputs to targets in least squares (reduced-rank
+    regression): the ridge solution `M`, projected onto the top principal directions `V` of
+    its centred fitted values. For a 1x1 conv (`kernel` all ones) this fits both factors
+    (`reduce = Vᵀ M`, 1x1 `V`) on the rewritten model's inputs at once, with no alternation."""
+    m, b = equations.solve(ridge)
+    n = equations.a.shape[0] - 1
+    rows = max(equations.rows, 1)
+    mean = equations.a[:n, n] / rows
+    centred = equations.a[:n, :n] / rows - np.outer(mean, mean)
+    fitted = m @ centred @ m.T
+    vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
+    v = vecs[:, np.argsort(vals)[::-1][:rank]]
+    reduce = v.T @ m
+    bias = b + (m - v @ reduce) @ mean  # the mean of the dropped directions stays in the bias
+    p, vt = _balance(reduce, v.T)
+    return Factors(p, vt.T.reshape(len(v), rank, *kernel), bias)
+
+
 class ReduceRefitAccumulator:
     """Refit of the 1x1 `P` with the kxk `W2` (and bias) fixed: one alternation step.
 

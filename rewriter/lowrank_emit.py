@@ -78,7 +78,8 @@ def emit(model: ir.Model, node: ir.Node, layer: ConvLayer, factors: Factorizatio
                      pointwise_conv_attrs(spatial), layer)
     else:
         w2 = new_initializer(graph, namer(f"{base}_W"), factors.kernel.astype(layer.dtype))
-        last = _conv(graph, namer, f"{base}_kxk", [z, w2], factors.bias, attrs, layer)
+        role = "expand" if layer.geometry.is_pointwise else "kxk"
+        last = _conv(graph, namer, f"{base}_{role}", [z, w2], factors.bias, attrs, layer)
     return _replace(graph, node, last, emitted)
 
 

@@ -48,22 +48,21 @@ class FitSettings:
 def spectra(original: ir.Model, layers: Sequence[ConvLayer], methods: Sequence[Method],
             init: str, context: PassContext, settings: FitSettings) -> Spectra:
     """Per (layer index, spectrum kind): svd without data, else whitened by the layer input."""
-    kinds = {spectrum_key(m.name): m for m in methods}
-    usable = [(layer, m) for layer in layers for m in kinds.values() if m.refusal(layer) is None]
+    # per (layer, spectrum kind) one method that applies (`in` and `in-out` share a spectrum)
+    usable = {(layer.index, spectrum_key(m.name)): (layer, m) for layer in layers
+              for m in methods if m.refusal(layer) is None}
     if init == "svd":
-        return {(layer.index, spectrum_key(m.name)): m.spectrum(layer, None, settings.shrink)
-                for layer, m in usable}
+        return {key: m.spectrum(layer, None, settings.shrink)
+                for key, (layer, m) in usable.items()}
     context.log(f"low-rank: input statistics of {len(layers)} convs")
-    stats = {(layer.index, spectrum_key(m.name)): m.statistic(layer, settings.max_positions,
-                                                              context.seed)
-             for layer, m in usable}
+    stats = {key: m.statistic(layer, settings.max_positions, context.seed)
+             for key, (layer, m) in usable.items()}
     names = sorted({layer.input_name for layer in layers})
-    by_index = {layer.index: layer for layer in layers}
     for batch in context.capture(original, names, "fit"):
-        for (index, _), stat in stats.items():
-            stat.add(batch[by_index[index].input_name])
-    out = {key: kinds[key[1]].spectrum(by_index[key[0]], stat.value(), settings.shrink)
-           for key, stat in stats.items()}
+        for key, stat in stats.items():
+            stat.add(batch[usable[key][0].input_name])
+    out = {key: m.spectrum(layer, stats[key].value(), settings.shrink)
+           for key, (layer, m) in usable.items()}
     for key, stat in stats.items():  # the channel mean serves bias correction
         if isinstance(stat, lowrank.SecondMoment) and out[key].moment is not None:
             out[key] = replace(out[key], mean=stat.mean())
@@ -132,14 +131,18 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
                                        positions, rows)
 
     activations = activations or {}
+    by_index = {m.index: m for m in members}
     keep = {m.index: POST_ACT_ROWS if activations.get(m.index)
             and ranks[m.index].method != "spatial" else 0 for m in members}
+    direct = {m.index for m in members if _fits_directly(m, ranks[m.index])}
     accs = {m.index: _refit_accumulator(m, start_factors(m, spectra, ranks[m.index]),
-                                        keep[m.index])
+                                        keep[m.index], m.index in direct)
             for m in members}
     feed(members, accs)
-    factors = {i: acc.solve(settings.ridge) for i, acc in accs.items()}
-    channel = [m for m in members if ranks[m.index].method != "spatial"]
+    factors = {i: lowrank.reduced_rank_fit(acc.equations, ranks[i].r, by_index[i].geometry.kernel,
+                                           settings.ridge) if i in direct
+               else acc.solve(settings.ridge) for i, acc in accs.items()}
+    channel = [m for m in members if ranks[m.index].method != "spatial" and m.index not in direct]
     for _ in range(settings.refit_reduce):
         small = [m for m in channel
                  if reduce_refit_cost(m, ranks[m.index].r) <= REDUCE_REFIT_LIMIT]
@@ -171,6 +174,8 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
         details.update(fit_samples=context.fit.n, fit_positions=accs[m.index].equations.rows)
         if keep[m.index]:
             patches, rows = accs[m.index].kept_rows()
+            if m.index in direct:  # kept as the layer's input: reduce them as the fit does
+                patches = patches @ out[m.index].reduce.T
             fit, before, after = lowrank.post_activation_fit(out[m.index], patches, rows,
                                                              activations[m.index])
             out[m.index] = fit
@@ -179,10 +184,18 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
     return out
 
 
-def _refit_accumulator(layer: ConvLayer, start: Factorization, keep_rows: int = 0):
+def _fits_directly(layer: ConvLayer, rank: Rank) -> bool:
+    """A 1x1 factored `in`: both factors come from one reduced-rank regression on the full
+    input (C features), where alternating would assemble an (r·C)² system."""
+    return layer.geometry.is_pointwise and rank.method == "in"
+
+
+def _refit_accumulator(layer: ConvLayer, start: Factorization, keep_rows: int = 0,
+                       full_input: bool = False):
     if isinstance(start, spatial_lowrank.SpatialFactors):
         return spatial_lowrank.SpatialRefit(start.vertical, layer.out_channels, layer.window)
-    return lowrank.RefitAccumulator(start.reduce, layer.out_channels, layer.window,
+    reduce = np.eye(layer.channels) if full_input else start.reduce
+    return lowrank.RefitAccumulator(reduce, layer.out_channels, layer.window,
                                     keep_rows=keep_rows)
 
 

@@ -44,6 +44,8 @@ class ChannelMethod:
         self.name = "in-out" if tucker else "in"
 
     def refusal(self, layer: ConvLayer) -> str | None:
+        if self.tucker and layer.geometry.is_pointwise:
+            return "a 1x1 kernel (Tucker-2 would add a conv for nothing)"
         return None
 
     def full_rank(self, layer: ConvLayer) -> int:

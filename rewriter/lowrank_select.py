@@ -2,8 +2,9 @@
 
 One rule for `bottleneck`, `spatial-svd`, `--analyze` and `--dry-run`, so they cannot disagree:
 a group-1 Conv of the main graph with constant float weights (and bias), a kernel larger than
-1x1, shapes known on the fixed-shape analysis copy, selected by include/exclude globs and at
-least `min_channels` input channels and `min_macs` of the model's MACs.
+1x1 (or, with `pointwise`, a 1x1 of at least `POINTWISE_MIN_SHARE` of the MACs), shapes known
+on the fixed-shape analysis copy, selected by include/exclude globs and at least
+`min_channels` input channels and `min_macs` of the model's MACs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from rewriter.shapes import static_shape, with_input_shapes
 
 #: Convs with fewer input channels gain little and fit badly.
 DEFAULT_MIN_CHANNELS = 8
+#: A 1x1 conv is factored only when it holds at least this share of the model's MACs: two
+#: narrow 1x1 kernels in place of one pay only where the GEMM is large (not an SE block's FC).
+POINTWISE_MIN_SHARE = 0.005
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class SelectRules:
     exclude: tuple[str, ...] = ()
     min_channels: int = DEFAULT_MIN_CHANNELS
     min_macs: float = 0.0
+    pointwise: bool = False  # 1x1 convs too (factored C -> r -> O where that saves MACs)
 
 
 @dataclass
@@ -146,7 +151,7 @@ def check_conv(node: ir.Node, index: int, shaped: ir.Node, total: int,
     geometry = conv_geometry(node, w.shape)
     if geometry.group != 1:
         return "depthwise conv" if w.shape[1] == 1 else "grouped conv"
-    if geometry.is_pointwise:
+    if geometry.is_pointwise and not rules.pointwise:
         return "pointwise already"
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -162,6 +167,9 @@ def check_conv(node: ir.Node, index: int, shaped: ir.Node, total: int,
     macs = math.prod(out_shape) * math.prod(w.shape[1:])
     if total and macs < rules.min_macs * total:
         return f"below min-macs ({macs / total:.2%} of the model)"
+    if geometry.is_pointwise and total and macs < POINTWISE_MIN_SHARE * total:
+        return (f"1x1 of {macs / total:.2%} of the model's MACs (below {POINTWISE_MIN_SHARE:.1%}"
+                ": an extra kernel costs more than it saves)")
     return ConvLayer(
         index=index, node=node, weight=w.astype(np.float64),
         bias=None if bias is None else bias.astype(np.float64), geometry=geometry,

@@ -519,6 +519,46 @@ def test_method_defaults_to_auto_with_a_target_and_data_unless_a_mode_is_named()
     assert mode_of("bottleneck:ratio=0.5,init=whitened", data) == "in"  # no global budget
 
 
+def _pointwise_stack(seed: int = 13) -> onnx.ModelProto:
+    """conv3x3 -> relu -> a wide 1x1 (64 -> 64) -> relu -> 1x1 SE-sized head on 1x1 maps."""
+    rng = np.random.default_rng(seed)
+    t = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "W0"], ["a"], name="conv3x3", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "W1", "B1"], ["c"], name="wide1x1"),
+             helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("GlobalAveragePool", ["d"], ["g"]),
+             helper.make_node("Conv", ["g", "W2"], ["y"], name="se1x1")]
+    inits = [numpy_helper.from_array(a, n) for n, a in
+             [("W0", t(64, 32, 3, 3)), ("W1", t(64, 64, 1, 1)),
+              ("B1", rng.standard_normal(64).astype(np.float32)), ("W2", t(64, 64, 1, 1))]]
+    return _model_of(nodes, inits, ["N", 32, 12, 12])
+
+
+def test_measured_allocation_factors_large_1x1_convs_and_leaves_tiny_ones():
+    """With a target allocated on measurements, a 1x1 is a candidate: C -> r -> O as two 1x1
+    convs, both fitted at once; an SE-sized 1x1 is left alone with its reason, and
+    pointwise=false restores the old refusal."""
+    spec = "bottleneck:target=0.05,method=auto,measure-ranks=2,include=wide*+se*"
+    result = rewrite(load(_pointwise_stack()), [spec], calib=_calib(32))
+    wide = _decision(result, "wide1x1")
+    assert wide.applied and wide.details["rank"] < 32  # saves only below C·O/(C+O) = 32
+    assert "below 0.5%" in _decision(result, "se1x1").reason
+    proto = checked_proto(result.model)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert [n.name for n in convs] == ["conv3x3", "wide1x1_reduce", "wide1x1_expand", "se1x1"]
+    assert wide.macs_after == wide.details["rank"] * (64 + 64) * 12 * 12
+    feeds = {"x": _calib(8, seed=3).inputs["x"]}
+    before = _outputs(_pointwise_stack(), feeds)[0]
+    after = _outputs(proto, feeds)[0]
+    assert np.all(np.isfinite(after)) and _rel(before, after) < 0.3  # rank 8 of 64: 0.14
+    off = rewrite(load(_pointwise_stack()), [spec + ",pointwise=false"], calib=_calib(32))
+    assert _decision(off, "wide1x1").reason == "pointwise already"
+    rule = rewrite(load(_pointwise_stack()), ["bottleneck:ratio=0.5,init=whitened"],
+                   calib=_calib(32))
+    assert _decision(rule, "wide1x1").reason == "pointwise already"  # no blind rank rule
+
+
 def test_max_layer_error_caps_every_layer_and_says_the_target_is_out_of_reach():
     result = rewrite(load(_relu_stack()), ["bottleneck:target=0.6,allocate=measured,"
                                            "max-layer-error=1e-6,init=whitened"],

@@ -153,6 +153,40 @@ def test_reduce_refit_recovers_p_for_a_fixed_kernel():
     np.testing.assert_allclose(acc.solve(0.0), exact.reduce, atol=1e-7)
 
 
+def test_reduced_rank_fit_is_the_best_rank_r_map_and_exact_at_the_true_rank():
+    """Both 1x1 factors from one regression: at the map's true rank it recovers it exactly
+    (bias included, inputs with a mean); below it, no truncated SVD of the full solution and no
+    perturbation of the fitted factors does better (the Eckart–Young optimum under the data)."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4000, 16)) @ rng.standard_normal((16, 16)) + 2.0
+    m = rng.standard_normal((12, 5)) @ rng.standard_normal((5, 16))
+    y = x @ m.T + rng.standard_normal(12)
+
+    def error(f: lowrank.Factors, targets: np.ndarray) -> float:
+        pred = x @ f.reduce.T @ f.kernel[:, :, 0, 0].T + f.bias
+        return float(np.linalg.norm(pred - targets) / np.linalg.norm(targets - targets.mean(0)))
+
+    exact = lowrank.NormalEquations(16, 12)
+    exact.add(x, y)
+    fit = lowrank.reduced_rank_fit(exact, 5, [1, 1], ridge=0.0)
+    assert fit.reduce.shape == (5, 16) and fit.kernel.shape == (12, 5, 1, 1)
+    assert error(fit, y) < 1e-8
+    noisy_y = y + 3.0 * rng.standard_normal(y.shape)
+    noisy = lowrank.NormalEquations(16, 12)
+    noisy.add(x, noisy_y)
+    best = lowrank.reduced_rank_fit(noisy, 3, [1, 1], ridge=0.0)
+    full, _ = noisy.solve(0.0)
+    u, s, vt = np.linalg.svd(full)
+    truncated = u[:, :3] * s[:3] @ vt[:3]
+    bias = (noisy_y - x @ truncated.T).mean(0)
+    svd_fit = lowrank.Factors(vt[:3], (u[:, :3] * s[:3]).reshape(12, 3, 1, 1), bias)
+    assert error(best, noisy_y) < error(svd_fit, noisy_y)
+    for _ in range(5):
+        nudged = lowrank.Factors(best.reduce + 1e-3 * rng.standard_normal(best.reduce.shape),
+                                 best.kernel, best.bias)
+        assert error(best, noisy_y) <= error(nudged, noisy_y)
+
+
 def test_tucker2_full_rank_is_exact_and_truncation_uses_data():
     rng = np.random.default_rng(7)
     w = rng.standard_normal((6, 5, 3, 3))
