@@ -30,6 +30,8 @@ from rewriter.passes.lowrank_pass import (
     select_rules,
 )
 
+from rewriter.cost import node_cost
+from rewriter.lowrank_fit import descendants
 from rewriter.lowrank_methods import METHODS
 
 
@@ -98,22 +100,26 @@ class BottleneckPass(RewritePass):
     def _affordable_auto(self, model: ir.Model, opts: BottleneckOptions) -> str:
         """The default method=auto when its single-layer trials fit the budget, else mode.
 
-        Each trial runs the whole model on the held-out split, so the cost grows as layers x
-        methods x ranks x samples x MACs; past `MEASURE_BUDGET_MACS` the default stays one
-        factorization (naming method=auto measures anyway).
+        Each trial runs the rewritten layer and what it feeds on the held-out split, so the
+        cost is, summed over layers, methods x ranks x samples x the MACs from the layer down;
+        past `MEASURE_BUDGET_MACS` the default stays one factorization (naming method=auto
+        measures anyway).
         """
         from rewriter.lowrank_select import select_convs
 
         selection = select_convs(model, select_rules(opts, opts.pointwise is not False),
                                  self.context.input_shapes)
-        trials = opts.measure_ranks * sum(m.refusal(layer) is None for layer in selection.layers
-                                          for m in AUTO_METHODS)
         held_out = self.context.holdout.n if self.context.holdout is not None else 0
-        cost = trials * held_out * selection.total_macs
+        below = downstream_macs(selection.analysis, [x.index for x in selection.layers])
+        per_layer = [opts.measure_ranks * sum(m.refusal(x) is None for m in AUTO_METHODS)
+                     for x in selection.layers]
+        trials = sum(per_layer)
+        layers = selection.layers
+        cost = held_out * sum(n * below[x.index] for n, x in zip(per_layer, layers, strict=True))
         if cost > MEASURE_BUDGET_MACS:
             self.report.note(
                 f"method=mode (one factorization): measuring {trials} single-layer trials on "
-                f"{held_out} held-out samples would cost ~{cost / 1e12:.0f} T MACs, over the "
+                f"{held_out} held-out samples would run ~{cost / 1e12:.0f} T MACs, over the "
                 f"default's {MEASURE_BUDGET_MACS / 1e12:.0f} T; name method=auto to measure "
                 "anyway (it keeps detectors' class scores far better)")
             return "mode"
@@ -128,6 +134,14 @@ AUTO_METHODS = (METHODS["in"], METHODS["in-out"], METHODS["spatial"])
 #: Model MACs x held-out samples x trials the default method=auto may spend on measuring
 #: (a few minutes at the ~30-40 G MAC/s onnxruntime reaches on 2 cores, sessions included).
 MEASURE_BUDGET_MACS = 1e13
+
+
+def downstream_macs(model: ir.Model, indices: list[int]) -> dict[int, int]:
+    """Per node position: the MACs of that node and of everything downstream of it (what a
+    single-layer trial on the cut runs)."""
+    nodes = list(model.graph)
+    macs = [node_cost(n).macs or 0 for n in nodes]
+    return {i: macs[i] + sum(macs[j] for j in descendants(model, i)) for i in indices}
 
 
 def resolved_method(opts: BottleneckOptions, has_data: bool) -> str:

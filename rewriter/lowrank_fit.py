@@ -19,6 +19,7 @@ import onnx_ir as ir
 from rewriter import lowrank, runtime, spatial_lowrank
 from rewriter.activations import following_activation
 from rewriter.context import PassContext
+from rewriter.downstream import FEED_BYTES
 from rewriter.lowrank_methods import Factorization, Method, Rank, method_named, spectrum_key
 from rewriter.lowrank_select import ConvLayer
 from rewriter.progress import Counter
@@ -117,14 +118,27 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
                 ) -> dict[int, Factorization]:
     """Least squares for each member's last conv on the rewritten model's activations (one
     session serves the first solve and the reduce alternations)."""
-    session = runtime.make_session(runtime.only_outputs(model, sorted(set(x_names.values()))),
-                                   optimize=False)
+    names = sorted(set(x_names.values()))
+    session = runtime.make_session(runtime.only_outputs(model, names), optimize=False)
+    # The members' inputs do not change while their own factors are refit: where they fit the
+    # budget, one run serves the first solve and every reduce alternation.
+    per_sample = sum(math.prod(m.in_shape[1:]) * m.dtype.itemsize
+                     for m in {x_names[m.index]: m for m in members}.values())
+    held = settings.refit_reduce > 0 and context.fit.n * per_sample <= FEED_BYTES
+    kept: list[dict[str, np.ndarray]] = []
 
-    def feed(group: Sequence[ConvLayer], accs: Mapping[int, object]) -> None:
-        names = sorted({x_names[m.index] for m in group})
+    def rewritten_inputs():
+        if kept:
+            return kept
         batches = runtime.run_batched(session, context.fit.inputs, names, context.batch_size,
                                       "calibration (fit)")
-        for b, x_batch in enumerate(batches):
+        if not held:
+            return batches
+        kept.extend(batches)
+        return kept
+
+    def feed(group: Sequence[ConvLayer], accs: Mapping[int, object]) -> None:
+        for b, x_batch in enumerate(rewritten_inputs()):
             for m in group:
                 positions, rows = targets[m.index].batches[b]
                 accs[m.index].add_rows(x_batch[x_names[m.index]], targets[m.index].out_dims,
