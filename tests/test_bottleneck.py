@@ -559,6 +559,32 @@ def test_measured_allocation_factors_large_1x1_convs_and_leaves_tiny_ones():
     assert _decision(rule, "wide1x1").reason == "pointwise already"  # no blind rank rule
 
 
+def test_refit_runs_the_rewritten_model_once_per_group_where_its_inputs_fit(monkeypatch):
+    """The reduce alternation reuses the first run's inputs: the same factors from 1 run of
+    the rewritten model per refit group instead of 3."""
+    import rewriter.lowrank_fit as fit
+
+    runs = []
+    real = fit.runtime.run_batched
+
+    def counted(*args, **kwargs):
+        if "calibration (fit)" in args:
+            runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit.runtime, "run_batched", counted)
+    spec = ["bottleneck:ratio=0.5,init=refit,refit-reduce=1"]
+    held = checked_proto(rewrite(load(_relu_stack()), spec, calib=_calib(32), guard=False).model)
+    held_runs = len(runs)
+    runs.clear()
+    monkeypatch.setattr(fit, "FEED_BYTES", 0)
+    rerun = checked_proto(rewrite(load(_relu_stack()), spec, calib=_calib(32), guard=False).model)
+    assert len(runs) - held_runs == 6  # 3 refit groups (each conv feeds the next), 2 saved each
+    weights = lambda proto: [numpy_helper.to_array(i) for i in proto.graph.initializer]  # noqa: E731
+    for a, b in zip(weights(held), weights(rerun), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_max_layer_error_caps_every_layer_and_says_the_target_is_out_of_reach():
     result = rewrite(load(_relu_stack()), ["bottleneck:target=0.6,allocate=measured,"
                                            "max-layer-error=1e-6,init=whitened"],
