@@ -59,6 +59,9 @@ from rewriter.report import PassReport
 #: Without a named rank rule: the most task error a layer may cost per share of the model's MACs
 #: it saves (the whole 0.01 fidelity budget must buy at least 10% of the MACs).
 DEFAULT_MAX_COST_PER_SAVING = 0.1
+#: A fixed target whose measured task error exceeds target=auto's floor this many times over
+#: gets a warning in the report.
+COSTLY_TARGET = 5.0
 
 
 @dataclass
@@ -345,6 +348,10 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
 
             plan, _ = back_off(plan, layer_choices_now, errors, whole, opts.backoff_steps,
                                context.log)
+            overrun = costly_target(opts, plan.metrics.get("whole_model_error_final"),
+                                    context.holdout.n)
+            if overrun:
+                plan.notes.append(overrun)
     else:
         plan = plan_by_rule(layers, methods[0], spec, RankRule(opts.ratio, opts.rank,
                                                                opts.energy, opts.round))
@@ -383,6 +390,18 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     if timer is not None:
         record_timing_totals(report, timer, timing.threads,
                              budget if opts.target is not None else None)
+
+
+def costly_target(opts: LowRankOptions, error: float | None, samples: int) -> str | None:
+    """A warning where the planned cut costs the task far more than target=auto would allow:
+    a fixed target is the user's call, but the report must say what it costs."""
+    floor = opts.max_error if opts.max_error is not None else 1 - opts.min_cosine
+    if error is None or error <= COSTLY_TARGET * floor:
+        return None
+    return (f"target={opts.target:g} costs the task: the worst output group's task error is "
+            f"{error:.3g} on {samples} held-out samples, {error / floor:.0f}x the {floor:g} "
+            "target=auto keeps; this model does not take this cut without training "
+            "(target=auto finds the largest cut within it, --distill may recover it)")
 
 
 def unreachable_target(target: float | str, skipped: Sequence[Skip]) -> str:

@@ -168,8 +168,8 @@ def check_conv(node: ir.Node, index: int, shaped: ir.Node, total: int,
     if total and macs < rules.min_macs * total:
         return f"below min-macs ({macs / total:.2%} of the model)"
     if geometry.is_pointwise and total and macs < POINTWISE_MIN_SHARE * total:
-        return (f"1x1 of {macs / total:.2%} of the model's MACs (below {POINTWISE_MIN_SHARE:.1%}"
-                ": an extra kernel costs more than it saves)")
+        return (f"1x1 below {POINTWISE_MIN_SHARE:.1%} of the model's MACs (an extra kernel "
+                "costs more than it saves)")
     return ConvLayer(
         index=index, node=node, weight=w.astype(np.float64),
         bias=None if bias is None else bias.astype(np.float64), geometry=geometry,

@@ -585,6 +585,18 @@ def test_refit_runs_the_rewritten_model_once_per_group_where_its_inputs_fit(monk
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_target_that_costs_the_task_far_more_than_auto_allows_says_so():
+    """A fixed target is kept as asked, but the report names what it costs (PicoDet's layout
+    model at target=0.3: task error 0.25, 25x target=auto's floor); a cheap one stays quiet."""
+    def notes(spec: str) -> list[str]:
+        return rewrite(load(_relu_stack()), [spec], calib=_calib(32)).report.passes[0].notes
+
+    costly = [n for n in notes("bottleneck:target=0.9,measure-ranks=2") if "costs the task" in n]
+    assert len(costly) == 1 and "target=0.9" in costly[0] and "target=auto" in costly[0]
+    assert not any("costs the task" in n for n in notes("bottleneck:target=0.9,measure-ranks=2,"
+                                                         "max-error=10"))
+
+
 def test_max_layer_error_caps_every_layer_and_says_the_target_is_out_of_reach():
     result = rewrite(load(_relu_stack()), ["bottleneck:target=0.6,allocate=measured,"
                                            "max-layer-error=1e-6,init=whitened"],
