@@ -110,12 +110,12 @@ class BottleneckPass(RewritePass):
         selection = select_convs(model, select_rules(opts, opts.pointwise is not False),
                                  self.context.input_shapes)
         held_out = self.context.holdout.n if self.context.holdout is not None else 0
-        below = downstream_macs(selection.analysis, [x.index for x in selection.layers])
-        per_layer = [opts.measure_ranks * sum(m.refusal(x) is None for m in AUTO_METHODS)
-                     for x in selection.layers]
-        trials = sum(per_layer)
         layers = selection.layers
-        cost = held_out * sum(n * below[x.index] for n, x in zip(per_layer, layers, strict=True))
+        below = downstream_macs(selection.analysis, [x.index for x in layers])
+        per_layer = {x.index: opts.measure_ranks * sum(m.refusal(x) is None for m in AUTO_METHODS)
+                     for x in layers}
+        trials = sum(per_layer.values())
+        cost = held_out * sum(n * below[i] for i, n in per_layer.items())
         if cost > MEASURE_BUDGET_MACS:
             self.report.note(
                 f"method=mode (one factorization): measuring {trials} single-layer trials on "

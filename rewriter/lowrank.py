@@ -556,8 +556,12 @@ class RefitAccumulator:
     def add_rows(self, x_hat: np.ndarray, out_dims: Sequence[int], positions: np.ndarray,
                  y_rows: np.ndarray) -> None:
         """A batch whose targets were already gathered at `positions` (see `SampledTargets`)."""
-        z = np.einsum("rc,nc...->nr...", self.reduce, np.asarray(x_hat, np.float64))
-        patches = gather_patches(z, self.window, out_dims, positions)
+        x = np.asarray(x_hat, np.float64)
+        if math.prod(self.window.kernel) == 1:  # a 1x1 window: reduce only the sampled rows
+            patches = gather_patches(x, self.window, out_dims, positions) @ self.reduce.T
+        else:
+            z = np.einsum("rc,nc...->nr...", self.reduce, x)
+            patches = gather_patches(z, self.window, out_dims, positions)
         y = np.asarray(y_rows, np.float64)
         self.equations.add(patches, y)
         take = min(self.keep_rows - self._kept_count, len(patches))

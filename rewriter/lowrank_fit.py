@@ -118,13 +118,18 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
                 ) -> dict[int, Factorization]:
     """Least squares for each member's last conv on the rewritten model's activations (one
     session serves the first solve and the reduce alternations)."""
+    direct = {m.index for m in members if _fits_directly(m, ranks[m.index])}
+    small = [m for m in members if ranks[m.index].method != "spatial"
+             and m.index not in direct
+             and reduce_refit_cost(m, ranks[m.index].r) <= REDUCE_REFIT_LIMIT]
     names = sorted(set(x_names.values()))
     session = runtime.make_session(runtime.only_outputs(model, names), optimize=False)
     # The members' inputs do not change while their own factors are refit: where they fit the
     # budget, one run serves the first solve and every reduce alternation.
     per_sample = sum(math.prod(m.in_shape[1:]) * m.dtype.itemsize
                      for m in {x_names[m.index]: m for m in members}.values())
-    held = settings.refit_reduce > 0 and context.fit.n * per_sample <= FEED_BYTES
+    held = (settings.refit_reduce > 0 and bool(small)
+            and context.fit.n * per_sample <= FEED_BYTES)
     kept: list[dict[str, np.ndarray]] = []
 
     def rewritten_inputs():
@@ -148,7 +153,6 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
     by_index = {m.index: m for m in members}
     keep = {m.index: POST_ACT_ROWS if activations.get(m.index)
             and ranks[m.index].method != "spatial" else 0 for m in members}
-    direct = {m.index for m in members if _fits_directly(m, ranks[m.index])}
     accs = {m.index: _refit_accumulator(m, start_factors(m, spectra, ranks[m.index]),
                                         keep[m.index], m.index in direct)
             for m in members}
@@ -156,12 +160,7 @@ def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[
     factors = {i: lowrank.reduced_rank_fit(acc.equations, ranks[i].r, by_index[i].geometry.kernel,
                                            settings.ridge) if i in direct
                else acc.solve(settings.ridge) for i, acc in accs.items()}
-    channel = [m for m in members if ranks[m.index].method != "spatial" and m.index not in direct]
-    for _ in range(settings.refit_reduce):
-        small = [m for m in channel
-                 if reduce_refit_cost(m, ranks[m.index].r) <= REDUCE_REFIT_LIMIT]
-        if not small:
-            break
+    for _ in range(settings.refit_reduce if small else 0):
         reducers = {m.index: lowrank.ReduceRefitAccumulator(
             factors[m.index].kernel, factors[m.index].bias, m.window, m.channels)
             for m in small}
