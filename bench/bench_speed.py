@@ -111,6 +111,7 @@ def timed_rewrite(model_path: Path, images: np.ndarray) -> dict[str, Any]:
         "macs_before": result.report.macs_before,
         "macs_removed": round(1 - result.report.macs_after / result.report.macs_before, 4),
         "layers_rewritten": bottleneck.metrics.get("layers_rewritten", 0),
+        "sensitivity_samples": bottleneck.metrics.get("sensitivity_samples"),
         "allocation": bottleneck.metrics.get("allocation"),
         "met_target": total <= TARGET_S,
     }
@@ -142,7 +143,8 @@ def markdown(out: dict[str, Any]) -> str:
             f"detector with {out['images']} calibration images: {out['total_s']:.1f} s "
             f"(target {out['target_s']:.0f} s: {'met' if out['met_target'] else 'missed'}); "
             f"{stages}; {out['sensitivity_trials']} sensitivity trials at "
-            f"{out['ms_per_trial']:.0f} ms each; {out['macs_removed']:.1%} of MACs removed.")
+            f"{out['ms_per_trial']:.0f} ms each on {out.get('sensitivity_samples')} held-out "
+            f"images; {out['macs_removed']:.1%} of MACs removed.")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from rewriter.passes.lowrank_pass import (
     select_rules,
 )
 
-from rewriter.cost import node_cost
-from rewriter.lowrank_fit import descendants
+from rewriter.downstream import cut_macs
 from rewriter.lowrank_methods import METHODS
+from rewriter.lowrank_sensitivity import sweep_samples
 
 
 @dataclass
@@ -100,8 +100,9 @@ class BottleneckPass(RewritePass):
     def _affordable_auto(self, model: ir.Model, opts: BottleneckOptions) -> str:
         """The default method=auto when its single-layer trials fit the budget, else mode.
 
-        Each trial runs the rewritten layer and what it feeds on the held-out split, so the
-        cost is, summed over layers, methods x ranks x samples x the MACs from the layer down;
+        Each trial runs the rewritten layer and what it feeds on the held-out samples the sweep
+        uses (`sweep_samples`), so the cost is, summed over layers, methods x ranks x samples x
+        the MACs from the layer down;
         past `MEASURE_BUDGET_MACS` the default stays one factorization (naming method=auto
         measures anyway).
         """
@@ -111,15 +112,18 @@ class BottleneckPass(RewritePass):
                                  self.context.input_shapes)
         held_out = self.context.holdout.n if self.context.holdout is not None else 0
         layers = selection.layers
-        below = downstream_macs(selection.analysis, [x.index for x in layers])
+        below = cut_macs(selection.analysis, [x.index for x in layers])
         per_layer = {x.index: opts.measure_ranks * sum(m.refusal(x) is None for m in AUTO_METHODS)
                      for x in layers}
         trials = sum(per_layer.values())
-        cost = held_out * sum(n * below[i] for i, n in per_layer.items())
+        per_sample = sum(n * below[i] for i, n in per_layer.items())
+        floor = opts.min_samples if opts.min_samples is not None else self.context.min_samples
+        samples = sweep_samples(held_out, per_sample, floor, opts.measure_samples)
+        cost = samples * per_sample
         if cost > MEASURE_BUDGET_MACS:
             self.report.note(
                 f"method=mode (one factorization): measuring {trials} single-layer trials on "
-                f"{held_out} held-out samples would run ~{cost / 1e12:.0f} T MACs, over the "
+                f"{samples} held-out samples would run ~{cost / 1e12:.0f} T MACs, over the "
                 f"default's {MEASURE_BUDGET_MACS / 1e12:.0f} T; name method=auto to measure "
                 "anyway (it keeps detectors' class scores far better)")
             return "mode"
@@ -134,14 +138,6 @@ AUTO_METHODS = (METHODS["in"], METHODS["in-out"], METHODS["spatial"])
 #: Model MACs x held-out samples x trials the default method=auto may spend on measuring
 #: (a few minutes at the ~30-40 G MAC/s onnxruntime reaches on 2 cores, sessions included).
 MEASURE_BUDGET_MACS = 1e13
-
-
-def downstream_macs(model: ir.Model, indices: list[int]) -> dict[int, int]:
-    """Per node position: the MACs of that node and of everything downstream of it (what a
-    single-layer trial on the cut runs)."""
-    nodes = list(model.graph)
-    macs = [node_cost(n).macs or 0 for n in nodes]
-    return {i: macs[i] + sum(macs[j] for j in descendants(model, i)) for i in indices}
 
 
 def resolved_method(opts: BottleneckOptions, has_data: bool) -> str:

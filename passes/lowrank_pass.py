@@ -18,6 +18,7 @@ from rewriter.passes.base import PassOptions, option
 
 from rewriter import conv_timing, lowrank, runtime
 from rewriter.context import PassContext
+from rewriter.downstream import cut_macs
 from rewriter.errors import PassError
 from rewriter.evidence import check_evidence
 from rewriter.fidelity import judge_candidate, measured_groups, task_error
@@ -53,7 +54,12 @@ from rewriter.lowrank_plan import (
     timed_choices,
 )
 from rewriter.lowrank_select import DEFAULT_MIN_CHANNELS, ConvLayer, SelectRules, Skip, select_convs
-from rewriter.lowrank_sensitivity import rewritten_outputs, single_layer_errors
+from rewriter.lowrank_sensitivity import (
+    rewritten_outputs,
+    single_layer_errors,
+    sweep_samples,
+    sweep_subset,
+)
 from rewriter.report import PassReport
 
 #: Without a named rank rule: the most task error a layer may cost per share of the model's MACs
@@ -62,6 +68,10 @@ DEFAULT_MAX_COST_PER_SAVING = 0.1
 #: A fixed target whose measured task error exceeds target=auto's floor this many times over
 #: gets a warning in the report.
 COSTLY_TARGET = 5.0
+#: A single-layer error under this share of target=auto's floor is negligible: a method whose
+#: most-saving rank costs that little is not measured at its larger ranks (forty such layers
+#: together stay under half the floor).
+NEGLIGIBLE_SHARE = 0.01
 
 
 @dataclass
@@ -97,6 +107,9 @@ class LowRankOptions(PassOptions):
                 "auto: measured for method=auto with --calib, else spectrum")
     measure_ranks: int = option(4, "allocate=measured: ranks measured per layer and method",
                                 ge=1)
+    measure_samples: int | None = option(
+        None, "allocate=measured: held-out samples each sensitivity trial runs on (default: all "
+              "that fit a 2e12-MAC sweep, at least min-samples)", ge=1)
     max_layer_error: float | None = option(
         None, "allocate=measured: no layer at a rank whose measured task error exceeds this",
         ge=0)
@@ -241,10 +254,12 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     groups = context.groups or None
 
     bound = measured_groups(reference, groups) if reference is not None else None
+    sweep_inputs, sweep_reference = (context.holdout.inputs, reference) if reference is not None \
+        else (None, None)
 
     def metric(ref, got) -> float:  # the worst output group's task error
-        if ref is reference and bound is not None:
-            return task_error(ref, got, bound, prebound=True)
+        if bound is not None and (ref is reference or ref is sweep_reference):
+            return task_error(ref, got, bound, prebound=True)  # groups are data-independent
         return task_error(ref, got, groups)
 
     metric_key = repr(groups)
@@ -260,9 +275,9 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     def alone(ranks: dict) -> dict:
         """Per layer index: the held-out task error with only that layer rewritten (cached)."""
         got = single_layer_errors(original, [layer_of[i] for i in ranks],
-                                  {i: [r] for i, r in ranks.items()}, start,
-                                  context.holdout.inputs, reference, emit_trial, init, metric,
-                                  metric_key, context.log)
+                                  {i: [r] for i, r in ranks.items()}, start, sweep_inputs,
+                                  sweep_reference, emit_trial, init, metric, metric_key,
+                                  context.log)
         return {i: e for (i, _), e in got.items()}
 
     errors: dict = {}
@@ -270,9 +285,11 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     slow_reasons: dict[int, str] = {}
     if measured:
         grid = measured_grid(layers, methods, opts.round, estimate, opts.measure_ranks)
-        errors = single_layer_errors(original, layers, grid, start, context.holdout.inputs,
-                                     reference, emit_trial, init, metric, metric_key,
-                                     context.log)
+        sweep_inputs, sweep_reference = _sweep_data(opts, context, reference, selection,
+                                                    grid, report)
+        errors = single_layer_errors(original, layers, grid, start, sweep_inputs,
+                                     sweep_reference, emit_trial, init, metric, metric_key,
+                                     context.log, NEGLIGIBLE_SHARE * task_floor(opts))
         report.metrics["allocation"] = "measured"
         report.metrics["sensitivity_trials"] = len(errors)
 
@@ -395,13 +412,18 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
 def costly_target(opts: LowRankOptions, error: float | None, samples: int) -> str | None:
     """A warning where the planned cut costs the task far more than target=auto would allow:
     a fixed target is the user's call, but the report must say what it costs."""
-    floor = opts.max_error if opts.max_error is not None else 1 - opts.min_cosine
+    floor = task_floor(opts)
     if error is None or error <= COSTLY_TARGET * floor:
         return None
     return (f"target={opts.target:g} costs the task: the worst output group's task error is "
             f"{error:.3g} on {samples} held-out samples, {error / floor:.0f}x the {floor:g} "
             "target=auto keeps; this model does not take this cut without training "
             "(target=auto finds the largest cut within it, --distill may recover it)")
+
+
+def task_floor(opts: LowRankOptions) -> float:
+    """The whole-model task error target=auto keeps (max-error, else 1 - min-cosine)."""
+    return opts.max_error if opts.max_error is not None else 1 - opts.min_cosine
 
 
 def unreachable_target(target: float | str, skipped: Sequence[Skip]) -> str:
@@ -427,6 +449,24 @@ def _allocate_measured(opts: LowRankOptions, methods: Sequence[Method], context:
         raise PassError("allocate=measured ranks by MACs; it does not combine with "
                         "objective=latency")
     return True
+
+
+def _sweep_data(opts: LowRankOptions, context: PassContext, reference: dict,
+                selection, grid: dict, report: PassReport) -> tuple[dict, dict]:
+    """The held-out inputs and reference a sensitivity sweep measures on: all of them, or a
+    spread subset where trials x cut MACs x samples would pass `SWEEP_MACS` (report says)."""
+    held_out = context.holdout.n
+    below = cut_macs(selection.analysis, list(grid))
+    per_sample = float(sum(len(ranks) * below[i] for i, ranks in grid.items()))
+    floor = opts.min_samples if opts.min_samples is not None else context.min_samples
+    k = sweep_samples(held_out, per_sample, floor, opts.measure_samples)
+    report.metrics["sensitivity_samples"] = k
+    if k >= held_out:
+        return context.holdout.inputs, reference
+    report.note(f"sensitivity trials measured on {k} of the {held_out} held-out samples (the "
+                f"sweep runs {per_sample / 1e9:.0f} G MACs per sample; measure-samples=N "
+                "changes it); the whole-model checks use all of them")
+    return sweep_subset(context.holdout.inputs, reference, k)
 
 
 def _task_details(index: int, plan: Plan, grid: dict, errors: dict) -> dict:

@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter import runtime
-from rewriter.graph import remove_unused
+from rewriter.cost import node_cost
+from rewriter.graph import descendants, remove_unused
 
 Outputs = Mapping[str, np.ndarray]
 #: Held-out activations captured at once to feed several cuts (one run of the original).
@@ -148,6 +149,14 @@ def cut_below(original: ir.Model, index: int) -> Downstream | None:
     graph.inputs.extend([*boundary.values(), *listed])
     remove_unused(model)  # the upstream nodes: nothing left reads them
     return Downstream(model, list(graph).index(start), list(boundary))
+
+
+def cut_macs(model: ir.Model, indices: Sequence[int]) -> dict[int, int]:
+    """Per node position: the MACs of that node and of everything downstream of it (what a
+    single-layer trial on its cut runs per sample)."""
+    nodes = list(model.graph)
+    macs = [node_cost(n).macs or 0 for n in nodes]
+    return {i: macs[i] + sum(macs[j] for j in descendants(model, i)) for i in indices}
 
 
 def _pull_shape_computations(below: set[ir.Node], graph: ir.Graph, batch: object) -> None:

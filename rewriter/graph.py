@@ -274,3 +274,20 @@ def nodes_by_op(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
         if node.domain in ("", "ai.onnx") and node.op_type in wanted
     ]
+
+
+def descendants(model: ir.Model, index: int) -> set[int]:
+    """Positions of the nodes downstream of the node at `index` (graph order is topological)."""
+    nodes = list(model.graph)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    seen: set[int] = set()
+    stack = [nodes[index]]
+    while stack:
+        node = stack.pop()
+        for out in node.outputs:
+            for use in out.uses():
+                i = position.get(id(use.node))
+                if i is not None and i not in seen:
+                    seen.add(i)
+                    stack.append(use.node)
+    return seen

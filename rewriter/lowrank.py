@@ -516,9 +516,11 @@ class SampledTargets:
 
     out_dims: tuple[int, ...] = ()
     batches: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # samples per batch
 
     def add(self, y: np.ndarray, limit: int | None, rng: np.random.Generator) -> None:
         self.out_dims = tuple(y.shape[2:])
+        self.sizes.append(len(y))
         positions = sample_positions(len(y), self.out_dims, limit, rng)
         self.batches.append((positions, gather_outputs(y, positions).astype(np.float32)))
 

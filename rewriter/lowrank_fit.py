@@ -20,6 +20,8 @@ from rewriter import lowrank, runtime, spatial_lowrank
 from rewriter.activations import following_activation
 from rewriter.context import PassContext
 from rewriter.downstream import FEED_BYTES
+from rewriter.forward import ForwardValues
+from rewriter.graph import descendants
 from rewriter.lowrank_methods import Factorization, Method, Rank, method_named, spectrum_key
 from rewriter.lowrank_select import ConvLayer
 from rewriter.progress import Counter
@@ -92,6 +94,8 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
     outputs = {id(v) for v in model.graph.outputs}
     emitted: dict[int, object] = {}
     layers_done = Counter(len(chosen), "refit layer")
+    forward = ForwardValues(model, context.fit.inputs, context.batch_size,
+                            label="calibration (fit)")
     for chunk in target_chunks(chosen, context, settings.max_positions):
         targets = capture_targets(original, chunk, context, settings.max_positions)
         by_index = {layer.index: layer for layer in chunk}
@@ -102,7 +106,7 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
             acts = {m.index: following_activation(nodes[m.index].outputs[0], outputs)
                     for m in members} if settings.post_activation else {}
             fitted = refit_group(model, members, x_names, ranks, spectra, targets, context,
-                                 settings, acts)
+                                 settings, acts, forward)
             for m in members:
                 emitted[m.index] = emit(m, fitted[m.index])
                 del targets[m.index]
@@ -114,33 +118,35 @@ def fit_and_emit(model: ir.Model, original: ir.Model, layers: Sequence[ConvLayer
 def refit_group(model: ir.Model, members: Sequence[ConvLayer], x_names: Mapping[int, str],
                 ranks: Mapping[int, Rank], spectra: Spectra,
                 targets: dict[int, lowrank.SampledTargets], context: PassContext,
-                settings: FitSettings, activations: Mapping[int, str | None] | None = None
-                ) -> dict[int, Factorization]:
+                settings: FitSettings, activations: Mapping[int, str | None] | None = None,
+                forward: ForwardValues | None = None) -> dict[int, Factorization]:
     """Least squares for each member's last conv on the rewritten model's activations (one
-    session serves the first solve and the reduce alternations)."""
+    run serves the first solve and the reduce alternations; `forward` carries what one
+    group's run computed on to the next)."""
     direct = {m.index for m in members if _fits_directly(m, ranks[m.index])}
     small = [m for m in members if ranks[m.index].method != "spatial"
              and m.index not in direct
              and reduce_refit_cost(m, ranks[m.index].r) <= REDUCE_REFIT_LIMIT]
     names = sorted(set(x_names.values()))
-    session = runtime.make_session(runtime.only_outputs(model, names), optimize=False)
     # The members' inputs do not change while their own factors are refit: where they fit the
-    # budget, one run serves the first solve and every reduce alternation.
+    # budget they come from the forward run (held, one run serves the first solve and every
+    # reduce alternation), else they stream from a run of the prefix per pass over the data.
     per_sample = sum(math.prod(m.in_shape[1:]) * m.dtype.itemsize
                      for m in {x_names[m.index]: m for m in members}.values())
-    held = (settings.refit_reduce > 0 and bool(small)
-            and context.fit.n * per_sample <= FEED_BYTES)
-    kept: list[dict[str, np.ndarray]] = []
+    if forward is not None and context.fit.n * per_sample <= FEED_BYTES:
+        full = forward.values(names)
+        bounds = np.cumsum([0, *targets[members[0].index].sizes])
+        kept = [{name: full[name][a:b] for name in names}
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def rewritten_inputs():
-        if kept:
+        def rewritten_inputs():
             return kept
-        batches = runtime.run_batched(session, context.fit.inputs, names, context.batch_size,
-                                      "calibration (fit)")
-        if not held:
-            return batches
-        kept.extend(batches)
-        return kept
+    else:
+        session = runtime.make_session(runtime.only_outputs(model, names), optimize=False)
+
+        def rewritten_inputs():
+            return runtime.run_batched(session, context.fit.inputs, names, context.batch_size,
+                                       "calibration (fit)")
 
     def feed(group: Sequence[ConvLayer], accs: Mapping[int, object]) -> None:
         for b, x_batch in enumerate(rewritten_inputs()):
@@ -245,23 +251,6 @@ def capture_targets(original: ir.Model, chunk: Sequence[ConvLayer], context: Pas
         for c in chunk:
             targets[c.index].add(batch[c.output_name], max_positions, rngs[c.index])
     return targets
-
-
-def descendants(model: ir.Model, index: int) -> set[int]:
-    """Positions of the nodes downstream of the node at `index` (graph order is topological)."""
-    nodes = list(model.graph)
-    position = {id(n): i for i, n in enumerate(nodes)}
-    seen: set[int] = set()
-    stack = [nodes[index]]
-    while stack:
-        node = stack.pop()
-        for out in node.outputs:
-            for use in out.uses():
-                i = position.get(id(use.node))
-                if i is not None and i not in seen:
-                    seen.add(i)
-                    stack.append(use.node)
-    return seen
 
 
 def independent_groups(model: ir.Model, indices: list[int]) -> list[list[int]]:

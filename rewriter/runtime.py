@@ -147,8 +147,10 @@ def run_batched(
     output_names: Sequence[str] | None = None,
     batch_size: int = 32,
     label: str | None = None,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {output name: array} per batch; only the session's declared inputs are fed.
+    """Yield {output name: array} per batch; only the session's declared inputs are fed, and
+    `constants` (weights a shared session takes as inputs) whole with every batch.
 
     A model exported with a fixed batch (often 1) still takes a calibration set of any size: it
     runs in batches of its own size, the last one padded by repeating samples and trimmed after.
@@ -175,6 +177,7 @@ def run_batched(
         if fixed and real < fixed:
             pad = fixed - real
             feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
+        feed.update(constants or {})
         out = dict(zip(names, run_session(session, names, feed), strict=True))
         if fixed and real < fixed:
             out = {k: v[:real] if v.ndim and v.shape[0] == fixed else v for k, v in out.items()}
@@ -254,11 +257,12 @@ def run_file(
 
 
 def run_session_all(
-    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], batch_size: int = 32
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], batch_size: int = 32,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """All outputs of `session` for all samples, run in batches and concatenated."""
     parts: dict[str, list[np.ndarray]] = {}
-    for out in run_batched(session, inputs, None, batch_size):
+    for out in run_batched(session, inputs, None, batch_size, constants=constants):
         for k, v in out.items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for k, v in parts.items()}

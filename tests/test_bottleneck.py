@@ -559,9 +559,10 @@ def test_measured_allocation_factors_large_1x1_convs_and_leaves_tiny_ones():
     assert _decision(rule, "wide1x1").reason == "pointwise already"  # no blind rank rule
 
 
-def test_refit_runs_the_rewritten_model_once_per_group_where_its_inputs_fit(monkeypatch):
-    """The reduce alternation reuses the first run's inputs: the same factors from 1 run of
-    the rewritten model per refit group instead of 3."""
+def test_refit_runs_the_rewritten_model_forward_once_where_its_inputs_fit(monkeypatch):
+    """Where the inputs fit, each group's run starts from what the last one held and serves
+    the reduce alternation too: the same factors from 2 runs of the rewritten model (the
+    first group reads the graph input) instead of 3 per group streamed from the inputs."""
     import rewriter.lowrank_fit as fit
 
     runs = []
@@ -579,7 +580,7 @@ def test_refit_runs_the_rewritten_model_once_per_group_where_its_inputs_fit(monk
     runs.clear()
     monkeypatch.setattr(fit, "FEED_BYTES", 0)
     rerun = checked_proto(rewrite(load(_relu_stack()), spec, calib=_calib(32), guard=False).model)
-    assert len(runs) - held_runs == 6  # 3 refit groups (each conv feeds the next), 2 saved each
+    assert len(runs) - held_runs == 3 * 3 - 2  # 3 refit groups (each conv feeds the next)
     weights = lambda proto: [numpy_helper.to_array(i) for i in proto.graph.initializer]  # noqa: E731
     for a, b in zip(weights(held), weights(rerun), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -686,3 +687,22 @@ def test_default_pass_leaves_alone_what_costs_the_task_out_of_proportion():
     assert all(d.reason.startswith("does not pay") for d in applied.decisions if not d.applied)
     asked = rewrite(load(_relu_stack()), ["bottleneck:ratio=0.5"], calib=white).report.passes[0]
     assert asked.n_applied == 3
+
+
+def test_a_sensitivity_sweep_over_its_mac_budget_measures_on_fewer_samples(monkeypatch):
+    """Past `SWEEP_MACS` the trials run on a spread subset of the held-out split (at least
+    min-samples), and the report says how many; measure-samples names the count."""
+    import rewriter.lowrank_sensitivity as sensitivity
+
+    spec = "bottleneck:target=0.3,method=auto,measure-ranks=2,min-samples=8"
+    full = rewrite(load(_relu_stack()), [spec], calib=_calib(64)).report.passes[0]
+    held_out = full.metrics["sensitivity_samples"]  # all of them: the sweep fits
+    assert held_out > 8
+    monkeypatch.setattr(sensitivity, "SWEEP_MACS", 1.0)
+    sensitivity.clear_cache()
+    part = rewrite(load(_relu_stack()), [spec], calib=_calib(64)).report.passes[0]
+    assert part.metrics["sensitivity_samples"] == 8
+    assert any(f"measured on 8 of the {held_out} held-out samples" in n for n in part.notes)
+    asked = rewrite(load(_relu_stack()), [spec + ",measure-samples=10"],
+                    calib=_calib(64)).report.passes[0]
+    assert asked.metrics["sensitivity_samples"] == 10
