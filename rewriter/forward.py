@@ -2,8 +2,8 @@
 
 Refit fits each layer on the activations the *rewritten* model feeds it, so every group reads
 values the groups before it changed, and the model was run from its inputs once per group: the
-prefix again and again (26 runs of up to the whole model on a 1.17 G-MAC detector, 27 s of a
-43 s refit). Here each run also returns the values that nodes not run yet will read (the
+prefix again and again (26 runs of up to the whole model on a 1.17 G-MAC detector, most of
+a 44 s refit; 14 s now). Here each run also returns the values that nodes not run yet will read (the
 frontier: the requested inputs, skip connections, features a neck reads later), and holds them
 while they fit the budget; the next group's run starts from them, so each node runs about once.
 A held value whose producer has changed since (a merge rewrote the 1x1 conv producing it) is
@@ -55,7 +55,7 @@ class ForwardValues:
         out.update({name: arrays[name] for name in wanted})
         room -= sum(arrays[name].nbytes for name in arrays if name not in wanted)
         for name in wanted:  # returned anyway; held on only within the budget
-            if name in later and np.ndim(arrays[name]) and arrays[name].nbytes <= room:
+            if name in later and arrays[name].nbytes <= room:
                 room -= arrays[name].nbytes
             else:
                 arrays.pop(name)
@@ -136,7 +136,7 @@ class ForwardValues:
         kept, used = [], 0
         for name in extra:
             array = batch[name]
-            if np.ndim(array) == 0 or len(array) != rows or rows == 0:
+            if not _per_sample_data(array, rows):
                 continue
             need = array.nbytes // rows * self.samples
             if used + need <= room:
@@ -149,8 +149,15 @@ class ForwardValues:
         held = {}
         for name in frontier:
             array = arrays.get(name)
-            if array is None or np.ndim(array) == 0 or len(array) != self.samples:
-                continue  # not one row per sample: recomputed where needed
+            if array is None or not _per_sample_data(array, self.samples):
+                continue  # not one float row per sample (a shape, a scalar): recomputed
             producer = by_name[name].producer()
             held[name] = (array, producer, tuple(producer.inputs))
         self._held = held
+
+
+def _per_sample_data(array: np.ndarray, rows: int) -> bool:
+    """Float data with one row per sample: what may be held and fed back in slices (a shape
+    or an index tensor, whatever its length, is recomputed from its own inputs instead)."""
+    return (rows > 0 and np.ndim(array) > 0 and len(array) == rows
+            and np.issubdtype(np.asarray(array).dtype, np.floating))

@@ -97,3 +97,29 @@ def test_without_budget_nothing_is_held_and_every_run_starts_at_the_inputs(monke
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
     assert counts == [2, 4]
+
+
+def test_a_shape_is_recomputed_not_held_and_sliced():
+    """A Shape read later (its type unknown, as an export without value_info leaves it) is not
+    data with a row per sample: it is recomputed where needed, never held and fed back in
+    batch slices, and every value comes out as the whole model computes it."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Shape", ["r0"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["r0", "s"], ["r0b"], name="reshape0"),
+             helper.make_node("Conv", ["r0b", "W"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Reshape", ["c1", "s"], ["y"], name="reshape")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 4, 2, 2])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 4, 2, 2])],
+                              [numpy_helper.from_array(w, "W")])
+    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    shape = next(n for n in model.graph if n.name == "shape").outputs[0]
+    shape.type = None
+    inputs = {"x": rng.standard_normal((4, 4, 2, 2)).astype(np.float32)}  # 4 samples, 4 dims
+    expected = _whole(model, ["c1", "y"], inputs)
+    forward = ForwardValues(model, inputs, batch_size=2)
+    got = {**forward.values(["c1"]), **forward.values(["y"])}  # s is read again by the last
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
