@@ -254,8 +254,9 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     groups = context.groups or None
 
     bound = measured_groups(reference, groups) if reference is not None else None
-    sweep_inputs, sweep_reference = (context.holdout.inputs, reference) if reference is not None \
-        else (None, None)
+    # what single-layer trials run on: the held-out split, or a subset of it (`_sweep_data`)
+    sweep_inputs = context.holdout.inputs if reference is not None else None
+    sweep_reference = reference
 
     def metric(ref, got) -> float:  # the worst output group's task error
         if bound is not None and (ref is reference or ref is sweep_reference):
