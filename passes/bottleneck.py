@@ -28,6 +28,7 @@ from rewriter.passes.lowrank_pass import (
     measures_on_holdout,
     run_lowrank,
     select_rules,
+    sweep_floor,
 )
 
 from rewriter.downstream import cut_macs
@@ -117,8 +118,8 @@ class BottleneckPass(RewritePass):
                      for x in layers}
         trials = sum(per_layer.values())
         per_sample = sum(n * below[i] for i, n in per_layer.items())
-        floor = opts.min_samples if opts.min_samples is not None else self.context.min_samples
-        samples = sweep_samples(held_out, per_sample, floor, opts.measure_samples)
+        samples = sweep_samples(held_out, per_sample, sweep_floor(opts, self.context),
+                                opts.measure_samples)
         cost = samples * per_sample
         if cost > MEASURE_BUDGET_MACS:
             self.report.note(

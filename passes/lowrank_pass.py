@@ -459,8 +459,7 @@ def _sweep_data(opts: LowRankOptions, context: PassContext, reference: dict,
     held_out = context.holdout.n
     below = cut_macs(selection.analysis, list(grid))
     per_sample = float(sum(len(ranks) * below[i] for i, ranks in grid.items()))
-    floor = opts.min_samples if opts.min_samples is not None else context.min_samples
-    k = sweep_samples(held_out, per_sample, floor, opts.measure_samples)
+    k = sweep_samples(held_out, per_sample, sweep_floor(opts, context), opts.measure_samples)
     report.metrics["sensitivity_samples"] = k
     if k >= held_out:
         return context.holdout.inputs, reference
@@ -468,6 +467,11 @@ def _sweep_data(opts: LowRankOptions, context: PassContext, reference: dict,
                 f"sweep runs {per_sample / 1e9:.0f} G MACs per sample; measure-samples=N "
                 "changes it); the whole-model checks use all of them")
     return sweep_subset(context.holdout.inputs, reference, k)
+
+
+def sweep_floor(opts: LowRankOptions, context: PassContext) -> int:
+    """The fewest held-out samples a sensitivity sweep runs on: min-samples, as target=auto."""
+    return opts.min_samples if opts.min_samples is not None else context.min_samples
 
 
 def _task_details(index: int, plan: Plan, grid: dict, errors: dict) -> dict:

@@ -62,7 +62,12 @@ class Downstream:
     def outputs(self, model: ir.Model, feeds: Outputs, reference: Outputs) -> dict[str, np.ndarray]:
         """Every output of the full model: `model`'s (a rewritten copy of `self.model`), and the
         original's `reference` for those the conv does not reach."""
-        got = runtime.run_all(model, feeds)
+        return self.complete(runtime.run_all(model, feeds), reference)
+
+    @staticmethod
+    def complete(got: Outputs, reference: Outputs) -> dict[str, np.ndarray]:
+        """Every output of the full model from a cut's run: the original's `reference` for
+        those the conv does not reach."""
         return {name: got.get(name, reference[name]) for name in reference}
 
 

@@ -184,7 +184,7 @@ class SharedTrial:
             self.session = runtime.make_session(_weights_as_inputs(trial, weights))
             self.structure = structure
         got = runtime.run_session_all(self.session, self.fed, constants=arrays)
-        return {name: got.get(name, self.reference[name]) for name in self.reference}
+        return self.cut.complete(got, self.reference)
 
 
 def _structure(model: ir.Model) -> tuple:
