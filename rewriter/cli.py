@@ -28,6 +28,17 @@ from rewriter.errors import (
 __all__ = ["EXIT_FAILURE", "EXIT_GATE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
+def _preprocess_help() -> str:
+    """Every `--preprocess` key, read off `PreprocessOptions` so the help never lags the code."""
+    from dataclasses import fields
+
+    from rewriter.images import PreprocessOptions
+
+    keys = ",".join(f.name for f in fields(PreprocessOptions))
+    return ("for image folders, keys " + keys + ", e.g. size=640,resize=letterbox,augment=flip "
+            "(YOLO) or size=224,resize=crop,mean=0.485+0.456+0.406,std=0.229+0.224+0.225")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rewriter import __version__
 
@@ -58,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preprocess",
         metavar="k=v,...",
-        help="for image folders: size=224,mean=0.485+0.456+0.406,std=0.229+0.224+0.225,"
-        "scale=,layout=NCHW|NHWC,color=rgb|bgr|gray,resize=stretch|crop,limit=N",
+        help=_preprocess_help(),
     )
     p.add_argument(
         "--input-shape",

@@ -315,12 +315,32 @@ def rewrite(
         warning = few_samples_warning(report.fidelity.get("samples"), report.fidelity["dataset"])
         if warning:
             report.warnings.append(warning)
+    else:
+        warning = unmeasured_warning(report.passes)
+        if warning:
+            report.warnings.append(warning)
     if loaded_metric is not None and context.metric_baseline is not None:
         from rewriter.usermetric import metric_summary
 
         after = loaded_metric.evaluate_model(model) if report.passes else None
         report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
+
+
+def unmeasured_warning(passes: Sequence[PassReport]) -> str | None:
+    """Say so when a lossy pass changed the model and nothing measured what it cost: without
+    data the run still writes a model, and silence would read as "it survived"."""
+    lossy = [p for p in passes if p.n_applied and not p.exact and not p.metrics.get("discarded")]
+    if not lossy:
+        return None
+    moved = [p.metrics.get("guard_rel_l2") for p in lossy]
+    moved = [m for m in moved if isinstance(m, (int, float))]
+    seen = (f" (on random inputs the outputs moved by rel L2 up to {max(moved):.3g}, which says "
+            "nothing about the task)") if moved else ""
+    names = ", ".join(dict.fromkeys(p.name for p in lossy))
+    return (f"accuracy not measured: {names} changed the outputs and no calibration data was "
+            f"given{seen}; give --calib with a few hundred of the model's real inputs (an image "
+            "folder works) to fit the new weights to them and measure the result, or --eval")
 
 
 def _check_last(specs: Sequence[PassSpec], pass_types: Sequence[type], distill: bool) -> None:

@@ -8,6 +8,7 @@ Subprocess runs use `python -m tests.cli_entry` (the real `main` plus two test-o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -460,6 +461,25 @@ def test_bottleneck_with_gates_through_installed_script(tmp_path):
     data = json.loads(rj.read_text())
     assert data["macs_after"] < data["macs_before"]
     assert data["passes"][0]["applied"] == 1
+
+
+def test_a_lossy_rewrite_without_data_says_its_accuracy_was_not_measured(model):
+    """No --calib, no --eval: the model is still written, but never silently as if it held."""
+    import tests.passes_for_tests  # noqa: F401
+
+    shapes = {"x": (1, 3, 12, 12)}
+    lossy = rewriter.rewrite(model, [("test-perturb", {"eps": 0.02})], input_shapes=shapes)
+    assert lossy.report.fidelity is None
+    warning = next(w for w in lossy.report.warnings if w.startswith("accuracy not measured"))
+    assert "test-perturb" in warning and "--calib" in warning
+    moved = float(re.search(r"rel L2 up to ([0-9.e-]+)", warning).group(1))
+    assert 0.005 < moved <= 0.02  # weights scaled by 1.02 move the logits by at most 2%
+    exact = rewriter.rewrite(model, ["test-identity"], input_shapes=shapes)
+    assert not any("accuracy not measured" in w for w in exact.report.warnings)
+    measured = rewriter.rewrite(model, [("test-perturb", {"eps": 0.02})], calib="random",
+                                input_shapes=shapes)
+    assert measured.report.fidelity is not None
+    assert not any("accuracy not measured" in w for w in measured.report.warnings)
 
 
 def test_python_api_reads_dynamic_dims_off_the_calibration_data():
