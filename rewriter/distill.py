@@ -137,10 +137,10 @@ def _train(original, model, fit, holdout, trainable, opts, seed, log, report, gr
         total = 0.0
         for name, rows, _, scale in terms:
             got, want = outs[name], torch.from_numpy(targets[name])
-            if rows is not None:
-                axis, start, stop = rows
-                got, want = got.narrow(axis, start, stop - start), want.narrow(axis, start,
-                                                                                stop - start)
+            if rows is not None:  # the group's rows: a slice of its feature axis (maybe strided)
+                axis, start, stop, step = rows
+                index = (slice(None),) * axis + (slice(start, stop, step),)
+                got, want = got[index], want[index]
             total = total + torch.mean((got - want) ** 2) / scale
         return total / len(terms)
 
@@ -206,13 +206,13 @@ def mirrored(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([v, v[..., ::-1]]) for k, v in inputs.items()}
 
 
-LossTerm = tuple[str, "tuple[int, int, int] | None", str, float]
+LossTerm = tuple[str, "tuple[int, int, int, int] | None", str, float]
 
 
 def loss_terms(
     names: Sequence[str], groups: Sequence[OutputGroup], teacher: Mapping[str, np.ndarray]
 ) -> list[LossTerm]:
-    """(output, (axis, start, stop) or None, label, teacher mean square) per loss term.
+    """(output, (axis, start, stop, step) or None, label, teacher mean square) per loss term.
 
     One term per output group of a distilled output, one per whole output without groups; the
     scale is floored so an all-zero group cannot divide by zero.
@@ -229,8 +229,9 @@ def loss_terms(
             axis = group.axis
             assert axis is not None
             stop = array.shape[axis] if group.stop is None else group.stop
-            part = np.take(array, np.arange(group.start, stop), axis=axis)
-            terms.append((name, (axis, group.start, stop), group.label, _mean_square(part)))
+            part = np.take(array, np.arange(group.start, stop, group.step), axis=axis)
+            terms.append((name, (axis, group.start, stop, group.step), group.label,
+                          _mean_square(part)))
     return terms
 
 

@@ -15,15 +15,22 @@ Automatic rule (`find_groups`, on the original model's outputs over calibration 
    contiguous run of bounded rows is a `score` group. A contiguous run of unbounded rows is a
    `value` group, split where a row's RMS would make the run's largest RMS more than 10x its
    smallest (so pixel coordinates and unit-scale offsets are not averaged together).
-3. More than `MAX_AUTO_GROUPS` groups in one output (an embedding whose dims differ in scale)
-   falls back to one group over the whole output.
+3. Interleaved rows: a pose or face-landmark head (YOLOv8-pose, YOLOv8-face) appends keypoints
+   as (x, y, visibility) triples after its box and score rows, so step 2 finds a run per
+   coordinate. Where the rows after the first score run repeat one bounded/unbounded pattern
+   to the end (period 2-6, at least twice), that tail becomes one strided group per position
+   in the period (`value3` = rows 5-53%3: every keypoint's x), and the runs before it stay as
+   step 2 made them: on `[1, 4 + 1 + 17x3, A]` box, score, x, y, visibility.
+4. More than `MAX_AUTO_GROUPS` groups in one output otherwise (an embedding whose dims differ in
+   scale) falls back to one group over the whole output.
 
 On a YOLOv8 `[1, 4 + 10, A]` output this gives rows 0-3 (`value`) and 4-13 (`score`).
 
 User-given groups (`--groups`, TOML `groups`, `rewrite(groups=...)`) use a syntax that pastes
 into bash unquoted: `OUTPUT:NAME=START-STOP+NAME=START-STOP`, rows inclusive, e.g.
 `output0:box=0-3+cls=4-13`. A row range may end in `/score` or `/value`; without it the kind is
-read off the data (bounded in [0, 1] -> score). `axis=K` among the groups picks the axis
+read off the data (bounded in [0, 1] -> score); `START-STOP%K` takes every K-th row from START
+(`kx=5-53%3`). `axis=K` among the groups picks the axis
 (default 1). Several outputs: separate them with `,` or repeat the flag. Rows of an output the
 user did not cover, and outputs the user did not name, get automatic groups.
 """
@@ -45,17 +52,20 @@ SCALE_RATIO = 10.0
 BOUND_TOLERANCE = 1e-6
 #: More automatic groups than this in one output: one group over the whole output instead.
 MAX_AUTO_GROUPS = 8
+#: Periods (in rows) an interleaved tail of rows is looked for at (keypoint pairs to sextuples).
+TAIL_PERIODS = range(2, 7)
 
 Kind = Literal["score", "value"]
 
 
 @dataclass(frozen=True)
 class OutputGroup:
-    """Rows `start..stop-1` (Python slice, stop exclusive) of `output` along `axis`.
+    """Rows `start:stop:step` (a Python slice, stop exclusive) of `output` along `axis`.
 
-    `axis=None` is the whole output. `kind` is `score` (values in [0, 1]: thresholded
-    decisions are also measured) or `value`. `kind_from_data` marks a user group whose kind
-    was not given; `bind_groups` reads it off the data.
+    `axis=None` is the whole output; `step` > 1 is an interleaved quantity (a keypoint's x).
+    `kind` is `score` (values in [0, 1]: thresholded decisions are also measured) or `value`.
+    `kind_from_data` marks a user group whose kind was not given; `bind_groups` reads it off
+    the data.
     """
 
     output: str
@@ -65,6 +75,7 @@ class OutputGroup:
     stop: int | None
     kind: Kind = "value"
     kind_from_data: bool = False
+    step: int = 1
 
     @property
     def label(self) -> str:
@@ -78,14 +89,22 @@ class OutputGroup:
         """Inclusive row range as the user syntax writes it (`4-13`), `all` for a whole output."""
         if self.axis is None or self.stop is None:
             return "all"
-        return f"{self.start}-{self.stop - 1}" if self.stop - 1 != self.start else str(self.start)
+        last = self.indices()[-1]
+        if self.step > 1:
+            return f"{self.start}-{last}%{self.step}"
+        return f"{self.start}-{last}" if last != self.start else str(self.start)
+
+    def indices(self) -> range:
+        """The rows of the feature axis this group covers (needs `stop`)."""
+        assert self.stop is not None
+        return range(self.start, self.stop, self.step)
 
     def select(self, array: np.ndarray) -> np.ndarray:
         """The group's part of one output array."""
         if self.axis is None:
             return array
         index = [slice(None)] * array.ndim
-        index[self.axis] = slice(self.start, self.stop)
+        index[self.axis] = slice(self.start, self.stop, self.step)
         return array[tuple(index)]
 
     def describe(self) -> str:
@@ -124,7 +143,9 @@ def _output_groups(output: str, array: np.ndarray) -> list[OutputGroup]:
         kind = runs[0][2]
         return [OutputGroup(output, output, None, 0, None, kind)]
     if len(runs) > MAX_AUTO_GROUPS:
-        return [OutputGroup(output, output, None, 0, None, "value")]
+        runs = _interleaved(runs, *row_statistics(array, axis)) or []
+        if not runs or len(runs) > MAX_AUTO_GROUPS:
+            return [OutputGroup(output, output, None, 0, None, "value")]
     return _named(output, axis, runs)
 
 
@@ -159,15 +180,51 @@ def _runs(bounded: np.ndarray, rms: np.ndarray) -> list[tuple[int, int, Kind]]:
     return runs
 
 
-def _named(output: str, axis: int, runs: Sequence[tuple[int, int, Kind]]) -> list[OutputGroup]:
+Run = tuple[int, int, Kind] | tuple[int, int, Kind, int]  # (start, stop, kind[, step])
+
+
+def _interleaved(runs: Sequence[tuple[int, int, Kind]], bounded: np.ndarray, rms: np.ndarray
+                 ) -> list[Run] | None:
+    """The runs up to the first score run, then the rows after it as strided groups, where those
+    rows repeat one bounded/unbounded pattern to the end (keypoint triples); else None.
+
+    The tail starts after the first score run because detector outputs lead with box and class
+    rows: a box's (w, h) followed by its score would otherwise read as one more triple."""
+    first_score = next((i for i, r in enumerate(runs) if r[2] == "score"), None)
+    if first_score is None or first_score + 1 >= len(runs):
+        return None
+    head: list[Run] = list(runs[: first_score + 1])
+    start = runs[first_score][1]
+    tail = bounded[start:]
+    for period in TAIL_PERIODS:
+        if len(tail) % period or len(tail) < 2 * period:
+            continue
+        pattern = tail[:period]
+        if pattern.all() or not pattern.any() or not (tail.reshape(-1, period) == pattern).all():
+            continue
+        strided: list[Run] = []
+        for offset in range(period):
+            scales = rms[start + offset :: period]
+            if not pattern[offset] and scales.max() > SCALE_RATIO * max(scales.min(), 1e-30):
+                return None  # one position mixes scales: not one quantity per position
+            kind: Kind = "score" if pattern[offset] else "value"
+            first = start + offset
+            last = first + (len(bounded) - 1 - first) // period * period
+            strided.append((first, last + 1, kind, period))
+        return head + strided
+    return None
+
+
+def _named(output: str, axis: int, runs: Sequence[Run]) -> list[OutputGroup]:
     """`value` / `score`, numbered (`value2`) when a kind occurs more than once."""
     counts = {kind: sum(r[2] == kind for r in runs) for kind in ("score", "value")}
     seen = {"score": 0, "value": 0}
     groups = []
-    for start, stop, kind in runs:
+    for start, stop, kind, *step in runs:
         seen[kind] += 1
         name = kind if counts[kind] == 1 else f"{kind}{seen[kind]}"
-        groups.append(OutputGroup(output, name, axis, start, stop, kind))
+        groups.append(OutputGroup(output, name, axis, start, stop, kind, step=step[0] if step
+                                  else 1))
     return groups
 
 
@@ -182,7 +239,8 @@ def _bounded(array: np.ndarray) -> bool:
 # ---------------------------------------------------------------- user syntax
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_.\-]*"
-_GROUP = re.compile(rf"^(?P<name>{_NAME})=(?P<a>\d+)(?:-(?P<b>\d+))?(?:/(?P<kind>score|value))?$")
+_GROUP = re.compile(rf"^(?P<name>{_NAME})=(?P<a>\d+)(?:-(?P<b>\d+))?(?:%(?P<step>[1-9]\d*))?"
+                    r"(?:/(?P<kind>score|value))?$")
 _AXIS = re.compile(r"^axis=(?P<axis>\d+)$")
 
 
@@ -219,7 +277,7 @@ def _parse_output(text: str) -> list[OutputGroup]:
             "(e.g. output0:box=0-3+cls=4-13)"
         )
     axis = 1
-    specs: list[tuple[str, int, int, str | None]] = []
+    specs: list[tuple[str, int, int, str | None, int]] = []
     for item in rest.split("+"):
         item = item.strip()
         if match := _AXIS.match(item):
@@ -229,24 +287,27 @@ def _parse_output(text: str) -> list[OutputGroup]:
         if not match:
             raise UsageError(
                 f"--groups {text!r}: {item!r} is not NAME=START-STOP "
-                "(rows inclusive, optional /score or /value)"
+                "(rows inclusive, optional %STEP and /score or /value)"
             )
         a = int(match["a"])
         b = int(match["b"]) if match["b"] is not None else a
         if b < a:
             raise UsageError(f"--groups {text!r}: {item!r} ends before it starts")
-        specs.append((match["name"], a, b + 1, match["kind"]))
+        specs.append((match["name"], a, b + 1, match["kind"], int(match["step"] or 1)))
     if not specs:
         raise UsageError(f"--groups {text!r}: no NAME=START-STOP group given")
     if axis < 1:
         raise UsageError(f"--groups {text!r}: axis 0 is the sample axis")
-    ordered = sorted(specs, key=lambda s: s[1])
-    for (n1, _, stop1, _), (n2, start2, _, _) in zip(ordered, ordered[1:], strict=False):
-        if start2 < stop1:
-            raise UsageError(f"--groups {text!r}: groups '{n1}' and '{n2}' overlap")
+    owner: dict[int, str] = {}
+    for name, a, b, _, step in specs:
+        for row in range(a, b, step):
+            if row in owner:
+                raise UsageError(f"--groups {text!r}: groups '{owner[row]}' and '{name}' overlap")
+            owner[row] = name
     return [
-        OutputGroup(output, name, axis, a, b, kind or "value", kind_from_data=kind is None)
-        for name, a, b, kind in specs
+        OutputGroup(output, name, axis, a, b, kind or "value", kind_from_data=kind is None,
+                    step=step)
+        for name, a, b, kind, step in specs
     ]
 
 
@@ -324,13 +385,13 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
     bound = []
     for g in mine:
         if g.kind_from_data:
-            kind: Kind = "score" if bool(np.all(bounded[g.start : g.stop])) else "value"
+            kind: Kind = "score" if bool(np.all(bounded[g.start : g.stop : g.step])) else "value"
             g = replace(g, kind=kind, kind_from_data=False)
         bound.append(g)
     taken = {g.name for g in bound}
     covered = np.zeros(size, dtype=bool)
     for g in bound:
-        covered[g.start : g.stop] = True
+        covered[g.start : g.stop : g.step] = True
     rest = 0
     i = 0
     while i < size:

@@ -165,11 +165,13 @@ def test_loss_has_one_term_per_output_group_scaled_by_its_own_size():
 
     teacher = {"out": np.concatenate([np.full((2, 4, 5), 100.0), np.full((2, 2, 5), 0.5)], 1),
                "aux": np.ones((2, 3))}
-    groups = parse_groups("out:box=0-3+cls=4-5")
+    teacher["out"][:, 5] = 0.1  # a second score row of another size: its own strided term
+    groups = parse_groups("out:box=0-3+cls=4-4+kv=5-5%2")
     terms = loss_terms(["out", "aux"], groups, teacher)
     assert [(name, rows, label) for name, rows, label, _ in terms] == [
-        ("out", (1, 0, 4), "out:box"), ("out", (1, 4, 6), "out:cls"), ("aux", None, "aux")]
-    assert [round(scale, 6) for *_, scale in terms] == [10000.0, 0.25, 1.0]
+        ("out", (1, 0, 4, 1), "out:box"), ("out", (1, 4, 5, 1), "out:cls"),
+        ("out", (1, 5, 6, 2), "out:kv"), ("aux", None, "aux")]
+    assert [round(scale, 6) for *_, scale in terms] == [10000.0, 0.25, 0.01, 1.0]
 
 
 def test_mirrored_doubles_image_batches_only():

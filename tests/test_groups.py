@@ -46,6 +46,42 @@ def test_transposed_detector_layout_splits_the_last_axis():
     ]
 
 
+def pose_output(n: int = 8, keypoints: int = 17, anchors: int = 400, seed: int = 0) -> np.ndarray:
+    """A YOLOv8-pose-like `[N, 4 + 1 + K*3, A]` output: box pixels, person score, then (x, y,
+    visibility) per keypoint: pixels interleaved with sigmoids."""
+    rng = np.random.default_rng(seed)
+    head = detector_output(n, classes=1, anchors=anchors, seed=seed)
+    triples = np.empty((n, keypoints, 3, anchors))
+    triples[:, :, :2] = rng.uniform(0, 320, size=(n, keypoints, 2, anchors))
+    triples[:, :, 2] = 1 / (1 + np.exp(-rng.normal(0, 3, size=(n, keypoints, anchors))))
+    return np.concatenate([head, triples.reshape(n, keypoints * 3, anchors)], 1).astype(np.float32)
+
+
+def test_interleaved_keypoints_get_a_strided_group_per_coordinate():
+    """Seventeen (x, y, visibility) triples are 35 runs: without strides the output fell back to
+    one whole-tensor group, where pixels drown the person score (the trap groups exist for)."""
+    out = pose_output()
+    groups = find_groups({"output0": out})
+    assert [(g.name, g.start, g.stop, g.step, g.kind) for g in groups] == [
+        ("value1", 0, 4, 1, "value"), ("score1", 4, 5, 1, "score"),
+        ("value2", 5, 54, 3, "value"), ("value3", 6, 55, 3, "value"),
+        ("score2", 7, 56, 3, "score")]
+    assert [g.rows for g in groups] == ["0-3", "4", "5-53%3", "6-54%3", "7-55%3"]
+    np.testing.assert_array_equal(groups[4].select(out), out[:, 7::3])
+    assert parse_groups(format_groups(groups)) == groups
+    bound = bind_groups(parse_groups("output0:kx=5-53%3+person=4"), {"output0": out})
+    assert [(g.name, g.rows, g.kind) for g in bound[:4]] == [
+        ("rest1", "0-3", "value"), ("person", "4", "score"), ("kx", "5-53%3", "value"),
+        ("rest2", "6", "value")]
+    covered = sorted(r for g in bound for r in g.indices())
+    assert covered == list(range(out.shape[1]))  # every row measured exactly once
+    # Four keypoint pairs without visibility are plain runs; a tail that breaks its pattern
+    # (or has no score run before it) keeps the whole-output fallback.
+    broken = out.copy()
+    broken[:, 30] = 0.5  # one x row turned bounded
+    assert [g.axis for g in find_groups({"output0": broken})] == [None]
+
+
 def test_unbounded_rows_of_different_scale_are_split():
     rng = np.random.default_rng(1)
     pixels = rng.normal(0, 300, size=(4, 2, 50))
@@ -89,6 +125,8 @@ def test_parse_user_groups_round_trips():
         ("out:box=0-3|cls=4-13", "is not NAME=START-STOP"),
         ("out:axis=0+box=0-3", "sample axis"),
         ("out:box=0-1+box=2-3", "given twice"),
+        ("out:x=0-6%3+y=3", "'x' and 'y' overlap"),
+        ("out:x=0-6%0", "is not NAME=START-STOP"),
     ],
 )
 def test_bad_group_text_names_the_problem(text, message):
@@ -168,3 +206,17 @@ def test_classifier_outputs_keep_agreement_and_accuracy():
     assert fid["top1_agreement"] == 1.0 and fid["accuracy_before"] == 1.0
     assert fid["outputs"]["logits"]["top1_agreement"] == 1.0
     assert list(fid["groups"]) == ["logits"]
+
+
+def test_a_lost_person_score_is_the_worst_group_of_a_pose_output():
+    """On a pose output the person-score row is 1 of 56 and tiny beside the pixels: losing a
+    tenth of its confident decisions must still read as the worst group."""
+    ref = pose_output()
+    got = ref.copy()
+    confident = np.argwhere(got[:, 4, :] > 0.5)
+    lost = confident[:: 10]
+    got[lost[:, 0], 4, lost[:, 1]] = 0.1
+    fid = task_fidelity({"output0": ref}, {"output0": got})
+    assert fid["whole_tensor"]["outputs"]["output0"]["cosine"] > 0.9999
+    assert fid["worst"]["group"] == "output0:score1"
+    assert fid["task_error"] >= 0.02 > 1 - 0.99
