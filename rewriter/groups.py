@@ -12,7 +12,12 @@ Automatic rule (`find_groups`, on the original model's outputs over calibration 
    `[N, A, 4+C]` split their 4 + C rows. Outputs with fewer than 2 dims, a feature axis of
    size 1, or non-float values are one group over the whole tensor (`axis=None`).
 2. Along the feature axis, every row (index) whose values all lie in [0, 1] is *bounded*; a
-   contiguous run of bounded rows is a `score` group. A contiguous run of unbounded rows is a
+   contiguous run of bounded rows is a `score` group, split where rows go from sparse (median
+   below `SPARSE_MEDIAN`: a trained detector's class score, near 0 at most positions) to dense
+   (median at least `DENSE_MEDIAN`: normalised box coordinates, which DETR-style and
+   normalising YOLO exports put in [0, 1] beside the scores; in one group their ~0.5 values
+   would drown the class decisions). A run with any row in between (an untrained model's
+   scores, say) is not split. A contiguous run of unbounded rows is a
    `value` group, split where a row's RMS would make the run's largest RMS more than 10x its
    smallest (so pixel coordinates and unit-scale offsets are not averaged together).
 3. Interleaved rows: a pose or face-landmark head (YOLOv8-pose, YOLOv8-face) appends keypoints
@@ -50,6 +55,12 @@ from rewriter.errors import UsageError
 SCALE_RATIO = 10.0
 #: Tolerance for "lies in [0, 1]" (float rounding of a sigmoid or softmax).
 BOUND_TOLERANCE = 1e-6
+#: A bounded row whose median is at least this is dense (a coordinate) ...
+DENSE_MEDIAN = 0.1
+#: ... and below this sparse (a class score); bounded runs with rows in between stay whole.
+SPARSE_MEDIAN = 0.01
+#: Values per row the median is taken over (an evenly spaced subsample of larger rows).
+MEDIAN_SAMPLES = 100_000
 #: More automatic groups than this in one output: one group over the whole output instead.
 MAX_AUTO_GROUPS = 8
 #: Periods (in rows) an interleaved tail of rows is looked for at (keypoint pairs to sextuples).
@@ -138,30 +149,52 @@ def _output_groups(output: str, array: np.ndarray) -> list[OutputGroup]:
     if axis is None or array.size == 0:
         kind: Kind = "score" if array.size and _bounded(array) else "value"
         return [OutputGroup(output, output, None, 0, None, kind)]
-    runs = _runs(*row_statistics(array, axis))
+    stats = row_statistics(array, axis)
+    runs = _runs(*stats)
     if len(runs) == 1:
         kind = runs[0][2]
         return [OutputGroup(output, output, None, 0, None, kind)]
     if len(runs) > MAX_AUTO_GROUPS:
-        runs = _interleaved(runs, *row_statistics(array, axis)) or []
+        runs = _interleaved(runs, stats[0], stats[1]) or []
         if not runs or len(runs) > MAX_AUTO_GROUPS:
             return [OutputGroup(output, output, None, 0, None, "value")]
     return _named(output, axis, runs)
 
 
-def row_statistics(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `axis`: whether all its values lie in [0, 1], and its RMS."""
+def row_statistics(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of `axis`: whether all its values lie in [0, 1], its RMS, and whether it is a
+    dense bounded row its run may be split at (`_dense_rows`)."""
     rows = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
     finite = np.where(np.isfinite(rows), rows, np.nan)
     lo = np.nanmin(finite, axis=1)
     hi = np.nanmax(finite, axis=1)
     bounded = (lo >= -BOUND_TOLERANCE) & (hi <= 1 + BOUND_TOLERANCE)
     rms = np.sqrt(np.nanmean(finite**2, axis=1))
-    return bounded, np.nan_to_num(rms)
+    every = max(1, finite.shape[1] // MEDIAN_SAMPLES)
+    median = np.nan_to_num(np.nanmedian(finite[:, ::every], axis=1))
+    return bounded, np.nan_to_num(rms), _dense_rows(bounded, median)
 
 
-def _runs(bounded: np.ndarray, rms: np.ndarray) -> list[tuple[int, int, Kind]]:
-    """Contiguous (start, stop, kind) runs: bounded rows together; unbounded rows by scale."""
+def _dense_rows(bounded: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """Dense rows of bounded runs whose rows are all clearly dense or clearly sparse; False in
+    runs with any row between `SPARSE_MEDIAN` and `DENSE_MEDIAN` (those runs are not split)."""
+    dense = np.zeros(len(bounded), dtype=bool)
+    i = 0
+    while i < len(bounded):
+        j = i + 1
+        while j < len(bounded) and bounded[j] == bounded[i]:
+            j += 1
+        part = median[i:j]
+        if bounded[i] and np.all((part >= DENSE_MEDIAN) | (part < SPARSE_MEDIAN)):
+            dense[i:j] = part >= DENSE_MEDIAN
+        i = j
+    return dense
+
+
+def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray | None = None
+          ) -> list[tuple[int, int, Kind]]:
+    """Contiguous (start, stop, kind) runs: bounded rows by density; unbounded rows by scale."""
+    dense = np.zeros(len(bounded), dtype=bool) if dense is None else dense
     runs: list[tuple[int, int, Kind]] = []
     start, lo, hi = 0, 0.0, 0.0
     for i in range(len(bounded)):
@@ -170,7 +203,10 @@ def _runs(bounded: np.ndarray, rms: np.ndarray) -> list[tuple[int, int, Kind]]:
             start, lo, hi = 0, scale, scale
             continue
         same_kind = bool(bounded[i]) == bool(bounded[start])
-        fits = bool(bounded[i]) or max(hi, scale) <= SCALE_RATIO * min(lo, scale)
+        if bounded[i]:
+            fits = bool(dense[i]) == bool(dense[start])
+        else:
+            fits = max(hi, scale) <= SCALE_RATIO * min(lo, scale)
         if same_kind and fits:
             lo, hi = min(lo, scale), max(hi, scale)
             continue
@@ -381,7 +417,7 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
                 f"--groups: {g.label} rows {g.rows} past output '{name}' axis {axis} "
                 f"of size {size} (rows are 0-{size - 1})"
             )
-    bounded, rms = row_statistics(array, axis)
+    bounded, rms, dense = row_statistics(array, axis)
     bound = []
     for g in mine:
         if g.kind_from_data:
@@ -401,7 +437,7 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
         j = i
         while j < size and not covered[j]:
             j += 1
-        for start, stop, kind in _runs(bounded[i:j], rms[i:j]):
+        for start, stop, kind in _runs(bounded[i:j], rms[i:j], dense[i:j]):
             rest += 1
             label = f"rest{rest}" if f"rest{rest}" not in taken else f"rest{rest}_"
             bound.append(OutputGroup(name, label, axis, i + start, i + stop, kind))

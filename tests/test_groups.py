@@ -220,3 +220,26 @@ def test_a_lost_person_score_is_the_worst_group_of_a_pose_output():
     assert fid["whole_tensor"]["outputs"]["output0"]["cosine"] > 0.9999
     assert fid["worst"]["group"] == "output0:score1"
     assert fid["task_error"] >= 0.02 > 1 - 0.99
+
+
+def test_normalised_boxes_beside_scores_are_their_own_group():
+    """DETR-style `[N, queries, 4 + C]`: boxes in [0, 1] are bounded like the scores, but dense
+    (median ~0.5) where scores are sparse; in one group they would drown the class decisions."""
+    rng = np.random.default_rng(4)
+    boxes = rng.uniform(0.05, 0.95, size=(8, 300, 4))
+    logits = rng.normal(-5.0, 2.0, size=(8, 300, 20))
+    logits[:, :15] += 8.0  # a few confident queries per image
+    out = np.concatenate([boxes, 1 / (1 + np.exp(-logits))], axis=2).astype(np.float32)
+    groups = find_groups({"pred": out})
+    assert [(g.name, g.axis, g.start, g.stop, g.kind) for g in groups] == [
+        ("score1", 2, 0, 4, "score"), ("score2", 2, 4, 24, "score")]
+    got = out.copy()
+    confident = np.argwhere(got[..., 4:] > 0.5)
+    lost = confident[::10]
+    got[lost[:, 0], lost[:, 1], lost[:, 2] + 4] = 0.1
+    fid = task_fidelity({"pred": out}, {"pred": got})
+    assert fid["worst"]["group"] == "pred:score2" and fid["task_error"] >= 0.02
+    # An untrained model's scores (medians between 0.01 and 0.1) do not split: no fragments.
+    vague = out.copy()
+    vague[..., 4:] = 1 / (1 + np.exp(-rng.normal(-3.0, 1.0, size=(8, 300, 20))))
+    assert [(g.axis, g.kind) for g in find_groups({"pred": vague})] == [(None, "score")]
