@@ -52,9 +52,11 @@ CASES_RESULTS = ROOT / "bench" / "results" / "detector_cases.json"
 MAP_TOLERANCE = 0.01
 
 
-def _data(calib_scenes: int | None = None) -> tuple[CalibrationSet, np.ndarray, list[np.ndarray]]:
+def _data(calib_scenes: int | None = None, test_scenes: int | None = None
+          ) -> tuple[CalibrationSet, np.ndarray, list[np.ndarray]]:
     """Calibration (the shipped 128 scenes, or `calib_scenes` regenerated from the same seed and
-    train digits: the shipped ones first), test images and ground truth."""
+    train digits: the shipped ones first), test images and ground truth (the shipped 200, or
+    `test_scenes` regenerated from the test seed and test digits: less noise on mAP)."""
     if calib_scenes:
         from models.detector_data import make_scenes
         from models.train_detector import CALIB_SEED
@@ -63,6 +65,11 @@ def _data(calib_scenes: int | None = None) -> tuple[CalibrationSet, np.ndarray, 
     else:
         with np.load(TRAINED / "detector_calib.npz") as calib_file:
             calib = CalibrationSet({"images": calib_file["images"]}, None, "detector_calib.npz")
+    if test_scenes:
+        from models.detector_data import make_scenes
+        from models.train_detector import TEST_SEED
+        scenes = make_scenes(test_scenes, TEST_SEED, split="test")
+        return calib, scenes.images, load_ground_truth({"images": scenes.images, "gt": scenes.gt})
     with np.load(TRAINED / "detector_test.npz") as test_file:
         images = test_file["images"]
         truth = load_ground_truth({"images": images, "gt": test_file["gt"]})
@@ -161,14 +168,15 @@ def detector_markdown(out: dict[str, Any]) -> str:
 
 
 def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = None,
-        calib_scenes: int | None = None) -> dict[str, Any]:
+        calib_scenes: int | None = None, test_scenes: int | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"topic": "detector", "full": full, "machine": machine_info(1)}
     if not MODEL.exists():
         out["skipped"] = "models/trained/detector.onnx missing (python -m models.train_detector)"
         return out
-    data = _data(calib_scenes)
+    data = _data(calib_scenes, test_scenes)
     out["calibration_scenes"] = data[0].n
+    out["test_scenes"] = len(data[1])
     chosen = cases is not None
     if cases is None:
         cases = [(i, t, None) for i in INITS for t in TARGETS] if full else list(QUICK_CASES)
@@ -178,6 +186,8 @@ def run(full: bool = False, cases: list[tuple[str, Any, str | None]] | None = No
     path = CASES_RESULTS if chosen else RESULTS
     if calib_scenes:
         path = path.with_name(f"{path.stem}_calib{calib_scenes}.json")
+    if test_scenes:
+        path = path.with_name(f"{path.stem}_test{test_scenes}.json")
     if chosen and path.exists():  # chosen cases accumulate; a rerun replaces its own row
         fresh = {(r["options"], r["distill"]) for r in rows}
         rows = [r for r in json.loads(path.read_text()).get("rows", [])
@@ -206,8 +216,11 @@ def main() -> None:
                         help="INIT:TARGET[:DISTILL] rows only (written to detector_cases.json)")
     parser.add_argument("--calib-scenes", type=int, default=None,
                         help="calibrate on N generated train scenes instead of the shipped 128")
+    parser.add_argument("--test-scenes", type=int, default=None,
+                        help="score on N generated test scenes instead of the shipped 200")
     args = parser.parse_args()
-    result = run(full=args.full, cases=args.case, calib_scenes=args.calib_scenes)
+    result = run(full=args.full, cases=args.case, calib_scenes=args.calib_scenes,
+                 test_scenes=args.test_scenes)
     print(result.get("markdown", ""))
     print(json.dumps(result.get("summary", {}), indent=2))
 
