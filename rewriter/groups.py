@@ -67,6 +67,7 @@ MAX_AUTO_GROUPS = 8
 TAIL_PERIODS = range(2, 7)
 
 Kind = Literal["score", "value"]
+Run = tuple[int, int, Kind] | tuple[int, int, Kind, int]  # (start, stop, kind[, step])
 
 
 @dataclass(frozen=True)
@@ -149,16 +150,22 @@ def _output_groups(output: str, array: np.ndarray) -> list[OutputGroup]:
     if axis is None or array.size == 0:
         kind: Kind = "score" if array.size and _bounded(array) else "value"
         return [OutputGroup(output, output, None, 0, None, kind)]
-    stats = row_statistics(array, axis)
-    runs = _runs(*stats)
+    runs = _auto_runs(*row_statistics(array, axis))
+    if runs is None:
+        return [OutputGroup(output, output, None, 0, None, "value")]
     if len(runs) == 1:
-        kind = runs[0][2]
-        return [OutputGroup(output, output, None, 0, None, kind)]
-    if len(runs) > MAX_AUTO_GROUPS:
-        runs = _interleaved(runs, stats[0], stats[1]) or []
-        if not runs or len(runs) > MAX_AUTO_GROUPS:
-            return [OutputGroup(output, output, None, 0, None, "value")]
+        return [OutputGroup(output, output, None, 0, None, runs[0][2])]
     return _named(output, axis, runs)
+
+
+def _auto_runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray) -> list[Run] | None:
+    """Rules 2-4 on one stretch of rows; None where it would give too many groups."""
+    runs: list[Run] = list(_runs(bounded, rms, dense))
+    if len(runs) > MAX_AUTO_GROUPS:
+        runs = _interleaved(runs, bounded, rms) or []
+        if not runs or len(runs) > MAX_AUTO_GROUPS:
+            return None
+    return runs
 
 
 def row_statistics(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,9 +221,6 @@ def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray | None = None
         start, lo, hi = i, scale, scale
     runs.append((start, len(bounded), "score" if bounded[start] else "value"))
     return runs
-
-
-Run = tuple[int, int, Kind] | tuple[int, int, Kind, int]  # (start, stop, kind[, step])
 
 
 def _interleaved(runs: Sequence[tuple[int, int, Kind]], bounded: np.ndarray, rms: np.ndarray
@@ -437,9 +441,12 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
         j = i
         while j < size and not covered[j]:
             j += 1
-        for start, stop, kind in _runs(bounded[i:j], rms[i:j], dense[i:j]):
+        runs = _auto_runs(bounded[i:j], rms[i:j], dense[i:j]) or [
+            (0, j - i, "score" if bounded[i:j].all() else "value")]
+        for start, stop, kind, *step in runs:
             rest += 1
             label = f"rest{rest}" if f"rest{rest}" not in taken else f"rest{rest}_"
-            bound.append(OutputGroup(name, label, axis, i + start, i + stop, kind))
+            bound.append(OutputGroup(name, label, axis, i + start, i + stop, kind,
+                                     step=step[0] if step else 1))
         i = j
     return sorted(bound, key=lambda g: g.start)

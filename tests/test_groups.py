@@ -75,6 +75,10 @@ def test_interleaved_keypoints_get_a_strided_group_per_coordinate():
         ("rest2", "6", "value")]
     covered = sorted(r for g in bound for r in g.indices())
     assert covered == list(range(out.shape[1]))  # every row measured exactly once
+    box_only = bind_groups(parse_groups("output0:box=0-3"), {"output0": out})
+    assert [(g.name, g.rows) for g in box_only] == [
+        ("box", "0-3"), ("rest1", "4"), ("rest2", "5-53%3"), ("rest3", "6-54%3"),
+        ("rest4", "7-55%3")]  # the rest of the rows found as the automatic rule finds them
     # Four keypoint pairs without visibility are plain runs; a tail that breaks its pattern
     # (or has no score run before it) keeps the whole-output fallback.
     broken = out.copy()
