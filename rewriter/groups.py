@@ -226,7 +226,8 @@ def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray | None = None
 def _interleaved(runs: Sequence[tuple[int, int, Kind]], bounded: np.ndarray, rms: np.ndarray
                  ) -> list[Run] | None:
     """The runs up to the first score run, then the rows after it as strided groups, where those
-    rows repeat one bounded/unbounded pattern to the end (keypoint triples); else None.
+    rows repeat one pattern to the end (keypoint triples); else None. A row's place in the
+    pattern is "bounded", or for unbounded rows its decade of RMS (pixels vs logits).
 
     The tail starts after the first score run because detector outputs lead with box and class
     rows: a box's (w, h) followed by its score would otherwise read as one more triple."""
@@ -235,19 +236,21 @@ def _interleaved(runs: Sequence[tuple[int, int, Kind]], bounded: np.ndarray, rms
         return None
     head: list[Run] = list(runs[: first_score + 1])
     start = runs[first_score][1]
-    tail = bounded[start:]
+    decade = np.floor(np.log10(np.maximum(rms[start:], 1e-30)))
+    tail = np.where(bounded[start:], -np.inf, decade)
     for period in TAIL_PERIODS:
         if len(tail) % period or len(tail) < 2 * period:
             continue
         pattern = tail[:period]
-        if pattern.all() or not pattern.any() or not (tail.reshape(-1, period) == pattern).all():
+        if len(set(pattern.tolist())) < 2 or not (tail.reshape(-1, period) == pattern).all():
             continue
         strided: list[Run] = []
         for offset in range(period):
             scales = rms[start + offset :: period]
-            if not pattern[offset] and scales.max() > SCALE_RATIO * max(scales.min(), 1e-30):
+            score = bool(bounded[start + offset])
+            if not score and scales.max() > SCALE_RATIO * max(scales.min(), 1e-30):
                 return None  # one position mixes scales: not one quantity per position
-            kind: Kind = "score" if pattern[offset] else "value"
+            kind: Kind = "score" if score else "value"
             first = start + offset
             last = first + (len(bounded) - 1 - first) // period * period
             strided.append((first, last + 1, kind, period))

@@ -84,6 +84,11 @@ def test_interleaved_keypoints_get_a_strided_group_per_coordinate():
     broken = out.copy()
     broken[:, 30] = 0.5  # one x row turned bounded
     assert [g.axis for g in find_groups({"output0": broken})] == [None]
+    # Visibility as raw logits (unbounded, ~100x smaller than the pixels): the same strides.
+    logits = out.copy()
+    logits[:, 7::3] = np.random.default_rng(5).normal(0, 3, size=logits[:, 7::3].shape)
+    assert [(g.rows, g.kind) for g in find_groups({"output0": logits})][2:] == [
+        ("5-53%3", "value"), ("6-54%3", "value"), ("7-55%3", "value")]
 
 
 def test_unbounded_rows_of_different_scale_are_split():
