@@ -34,7 +34,8 @@ def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="OUT:NAME=A-B+...",
         help="output groups to measure, rows inclusive, e.g. output0:box=0-3+cls=4-13 "
-        "(default: found from the original's outputs; repeatable)",
+        "(A-B%%K: every K-th row, e.g. keypoint x=5-53%%3; default: found from the original's "
+        "outputs; repeatable)",
     )
     p.add_argument(
         "--metric",
