@@ -152,7 +152,7 @@ def load_image_folder(
     if size is None:
         raise CalibrationError(
             f"calib {folder}: input '{spec.name}' has dynamic height/width; "
-            "give --preprocess size=H,W"
+            "give --preprocess size=H+W (or size=S for a square, e.g. size=640)"
         )
     _check_channels(spec, p, folder)
     files, labels = list_images(folder)
