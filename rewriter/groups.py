@@ -17,15 +17,19 @@ Automatic rule (`find_groups`, on the original model's outputs over calibration 
    (median at least `DENSE_MEDIAN`: normalised box coordinates, which DETR-style and
    normalising YOLO exports put in [0, 1] beside the scores; in one group their ~0.5 values
    would drown the class decisions). A run with any row in between (an untrained model's
-   scores, say) is not split. A contiguous run of unbounded rows is a
-   `value` group, split where a row's RMS would make the run's largest RMS more than 10x its
-   smallest (so pixel coordinates and unit-scale offsets are not averaged together).
+   scores, say) is not split, except that a row on almost everywhere (median at least
+   `ALWAYS_ON`: a softmax's background class beside the face class) is always split off: over
+   the union of positions its decisions would dilute the rare class's flips to nothing.
+   A contiguous run of unbounded rows is a `value` group, split where a row's RMS would make
+   the run's largest RMS more than 10x its smallest (so pixel coordinates and unit-scale
+   offsets are not averaged together).
 3. Interleaved rows: a pose or face-landmark head (YOLOv8-pose, YOLOv8-face) appends keypoints
    as (x, y, visibility) triples after its box and score rows, so step 2 finds a run per
-   coordinate. Where the rows after the first score run repeat one bounded/unbounded pattern
-   to the end (period 2-6, at least twice), that tail becomes one strided group per position
-   in the period (`value3` = rows 5-53%3: every keypoint's x), and the runs before it stay as
-   step 2 made them: on `[1, 4 + 1 + 17x3, A]` box, score, x, y, visibility.
+   coordinate. Where the rows after the first score run repeat one pattern (bounded, or
+   unbounded of one decade of RMS) to the end (period 2-6, at least twice), that tail becomes
+   one strided group per position in the period (`value3` = rows 5-53%3: every keypoint's x),
+   and the runs before it stay as step 2 made them: on `[1, 4 + 1 + 17x3, A]` box, score, x,
+   y, visibility.
 4. More than `MAX_AUTO_GROUPS` groups in one output otherwise (an embedding whose dims differ in
    scale) falls back to one group over the whole output.
 
@@ -59,6 +63,8 @@ BOUND_TOLERANCE = 1e-6
 DENSE_MEDIAN = 0.1
 #: ... and below this sparse (a class score); bounded runs with rows in between stay whole.
 SPARSE_MEDIAN = 0.01
+#: A bounded row whose median is at least this is on almost everywhere (a background class).
+ALWAYS_ON = 0.9
 #: Values per row the median is taken over (an evenly spaced subsample of larger rows).
 MEDIAN_SAMPLES = 100_000
 #: More automatic groups than this in one output: one group over the whole output instead.
@@ -183,8 +189,9 @@ def row_statistics(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _dense_rows(bounded: np.ndarray, median: np.ndarray) -> np.ndarray:
-    """Dense rows of bounded runs whose rows are all clearly dense or clearly sparse; False in
-    runs with any row between `SPARSE_MEDIAN` and `DENSE_MEDIAN` (those runs are not split)."""
+    """Dense rows of bounded runs whose rows are all clearly dense or clearly sparse (runs with
+    any row between `SPARSE_MEDIAN` and `DENSE_MEDIAN` are not split), and rows on almost
+    everywhere (`ALWAYS_ON`) in any run."""
     dense = np.zeros(len(bounded), dtype=bool)
     i = 0
     while i < len(bounded):
@@ -194,6 +201,8 @@ def _dense_rows(bounded: np.ndarray, median: np.ndarray) -> np.ndarray:
         part = median[i:j]
         if bounded[i] and np.all((part >= DENSE_MEDIAN) | (part < SPARSE_MEDIAN)):
             dense[i:j] = part >= DENSE_MEDIAN
+        elif bounded[i]:
+            dense[i:j] = part >= ALWAYS_ON
         i = j
     return dense
 

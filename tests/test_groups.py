@@ -252,3 +252,20 @@ def test_normalised_boxes_beside_scores_are_their_own_group():
     vague = out.copy()
     vague[..., 4:] = 1 / (1 + np.exp(-rng.normal(-3.0, 1.0, size=(8, 300, 20))))
     assert [(g.axis, g.kind) for g in find_groups({"pred": vague})] == [(None, "score")]
+
+
+def test_a_background_class_beside_a_rare_class_is_split_off():
+    """A face detector's softmax `[N, A, 2]` (background, face): the background row is above 0.5
+    almost everywhere, so in one group its decisions would dilute a lost face to nothing."""
+    rng = np.random.default_rng(6)
+    logit = rng.normal(-3.5, 1.0, size=(8, 500))
+    logit[:, :10] += 7.0  # a few faces per image
+    face = 1 / (1 + np.exp(-logit))
+    out = np.stack([1 - face, face], axis=2).astype(np.float32)
+    assert 0.01 < np.median(face) < 0.1  # not clearly sparse: only the always-on rule splits
+    groups = find_groups({"scores": out})
+    assert [(g.start, g.stop, g.kind) for g in groups] == [(0, 1, "score"), (1, 2, "score")]
+    got = out.copy()
+    got[:4, :10] = out[:4, :10][..., ::-1]  # four images lose their faces (and gain background)
+    fid = task_fidelity({"scores": out}, {"scores": got})
+    assert fid["worst"]["group"] == "scores:score2" and fid["flip@0.5"] >= 0.3
