@@ -291,3 +291,26 @@ def descendants(model: ir.Model, index: int) -> set[int]:
                     seen.add(i)
                     stack.append(use.node)
     return seen
+
+
+#: Ops whose outputs are ordered by score: a position then holds a different detection as soon
+#: as two scores swap, so comparing outputs position by position overstates any change.
+REORDERING_OPS = ("TopK", "NonMaxSuppression")
+
+
+def reordered_outputs(model: ir.Model) -> dict[str, str]:
+    """Graph outputs computed through a `REORDERING_OPS` node: output name -> that op."""
+    found: dict[str, str] = {}
+    for output in model.graph.outputs:
+        seen: set[int] = set()
+        stack = [output.producer()]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.domain in ("", "ai.onnx") and node.op_type in REORDERING_OPS:
+                found[output.name] = node.op_type
+                break
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+    return found

@@ -254,6 +254,8 @@ def rewrite(
     if data is not None:
         held_reference = reference if context.holdout is not None else None
         report.warnings.extend(narrow_calibration_warnings(data, held_reference, seed))
+        if loaded_metric is None:
+            report.warnings.extend(reordered_output_warnings(model))
     if loaded_metric is not None:
         context.metric = loaded_metric
         log(f"metric {loaded_metric.spec}: evaluating the original")
@@ -325,6 +327,18 @@ def rewrite(
         after = loaded_metric.evaluate_model(model) if report.passes else None
         report.metric = metric_summary(loaded_metric, context.metric_baseline, after)
     return RewriteResult(model, report, original, context.fit, context.holdout, discarded, shapes)
+
+
+def reordered_output_warnings(model: ir.Model) -> list[str]:
+    """Outputs sorted by score (TopK, NMS in the graph: YOLOv10, exports with NMS) swap
+    positions when two scores swap, so per-position fidelity overstates what changed."""
+    from rewriter.graph import reordered_outputs
+
+    return [f"output '{name}' comes after {op}, so its rows are ordered by score: two scores "
+            "that swap move whole detections between positions, and per-position fidelity (what "
+            "sensitivity, target=auto and gates read) overstates the change; judge it with "
+            "--metric (e.g. examples/detector_metric.py)"
+            for name, op in reordered_outputs(model).items()]
 
 
 def unmeasured_warning(passes: Sequence[PassReport]) -> str | None:

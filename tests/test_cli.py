@@ -482,6 +482,34 @@ def test_a_lossy_rewrite_without_data_says_its_accuracy_was_not_measured(model):
     assert not any("accuracy not measured" in w for w in measured.report.warnings)
 
 
+def test_outputs_ordered_by_score_are_named_as_such(tmp_path):
+    """An end-to-end detector ends in TopK/NMS: its positions swap with its scores, which
+    per-position fidelity cannot see through; the run says so and points at --metric."""
+    import tests.passes_for_tests  # noqa: F401
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "flat"),
+             numpy_helper.from_array(np.array([5], np.int64), "k")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+        helper.make_node("Reshape", ["s", "flat"], ["f"], name="flatten"),
+        helper.make_node("TopK", ["f", "k"], ["top", "where"], name="topk"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])
+    outs = [helper.make_tensor_value_info("top", TensorProto.FLOAT, [2, 5]),
+            helper.make_tensor_value_info("where", TensorProto.INT64, [2, 5])]
+    model = tmp_path / "topk.onnx"
+    onnx.save(make_model(nodes, [x], outs, inits), str(model))
+    result = rewriter.rewrite(model, ["test-identity"], calib="random")
+    warnings = [w for w in result.report.warnings if "ordered by score" in w]
+    assert [w.split("'")[1] for w in warnings] == ["top", "where"]
+    assert "after TopK" in warnings[0] and "--metric" in warnings[0]
+    plain = rewriter.rewrite(classifier(tmp_path / "c.onnx"), ["test-identity"], calib="random")
+    assert not any("ordered by score" in w for w in plain.report.warnings)
+
+
 def test_python_api_reads_dynamic_dims_off_the_calibration_data():
     """A model with dynamic H, W gets real MACs from `rewrite(calib=...)`, not only via the CLI."""
     import numpy as np
