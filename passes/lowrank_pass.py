@@ -258,10 +258,10 @@ def run_lowrank(model: ir.Model, opts: LowRankOptions, context: PassContext,
     sweep_inputs = context.holdout.inputs if reference is not None else None
     sweep_reference = reference
 
-    def metric(ref, got) -> float:  # the worst output group's task error
+    def metric(ref, got) -> float:  # the worst group's task error, flips counted smoothly
         if bound is not None and (ref is reference or ref is sweep_reference):
-            return task_error(ref, got, bound, prebound=True)  # groups are data-independent
-        return task_error(ref, got, groups)
+            return task_error(ref, got, bound, prebound=True, smooth=True)
+        return task_error(ref, got, groups, smooth=True)
 
     metric_key = repr(groups)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rewriter.errors import UsageError
-from rewriter.fidelity import flip_rate, task_error, task_fidelity
+from rewriter.fidelity import flip_rate, smooth_flip_rate, task_error, task_fidelity
 from rewriter.groups import (
     OutputGroup,
     bind_groups,
@@ -166,6 +166,28 @@ def test_flip_rate_counts_over_the_union_only():
     assert union == 10 and rate == pytest.approx(0.1)
     assert flip_rate(ref, ref, 0.5) == (0.0, 10)
     assert flip_rate(np.zeros(5), np.zeros(5), 0.5) == (0.0, 0)
+
+
+def test_smooth_flips_count_whole_flips_as_one_and_drift_towards_the_threshold_in_part():
+    ref = np.zeros(1000)
+    ref[:10] = 0.9
+    lost = ref.copy()
+    lost[0] = 0.0  # a whole flip, far from the threshold: the same as flip_rate
+    assert smooth_flip_rate(ref, lost, 0.5) == pytest.approx(flip_rate(ref, lost, 0.5))
+    drift = ref.copy()
+    drift[:10] = 0.52  # ten scores slid to just above 0.5: no flip yet, most of the way there
+    assert flip_rate(ref, drift, 0.5)[0] == 0.0
+    rate, union = smooth_flip_rate(ref, drift, 0.5)
+    assert union == 10 and rate == pytest.approx(1.0 - 0.7)  # ramp(0.9) = 1, ramp(0.52) = 0.7
+    assert smooth_flip_rate(ref, ref, 0.5) == (0.0, 10)
+    assert smooth_flip_rate(np.zeros(5), np.zeros(5), 0.5) == (0.0, 0)
+    near = ref.copy()
+    near[:10] = 0.54
+    slid = near.copy()
+    slid[:10] = 0.51  # a 6% drift just above the threshold: tiny as a tensor, close to flipping
+    whole = task_error({"y": near[None]}, {"y": slid[None]})
+    smooth = task_error({"y": near[None]}, {"y": slid[None]}, smooth=True)
+    assert whole < 0.002 and smooth == pytest.approx(0.25 * 0.3)  # FLIP_WEIGHT x (0.9 - 0.6)
 
 
 def _perturb_scores(ref: np.ndarray, seed: int = 3) -> np.ndarray:

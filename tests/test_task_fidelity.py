@@ -178,3 +178,27 @@ def test_compare_of_a_flipped_model_fails_with_exit_3(detector, calib, tmp_path)
     assert "FAIL" in report.read_text() and "worst group output0:score" in report.read_text()
     assert run("compare", detector, tmp_path / "missing.onnx", "--calib", calib) == 1
     assert run("compare", detector) == 2
+
+
+def test_the_low_rank_pass_measures_with_smooth_flips(detector, calib, monkeypatch):
+    """Single-layer trials flip a handful of decisions on a few images: the pass counts them
+    smoothly; the run's own fidelity (what gates read) still counts whole flips."""
+    import rewriter.passes.lowrank_pass as lowrank_pass
+
+    seen: list[bool] = []
+    real = lowrank_pass.task_error
+
+    def recording(*args, **kwargs):
+        seen.append(bool(kwargs.get("smooth")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank_pass, "task_error", recording)
+    result = rewriter.rewrite(detector, ["bottleneck:target=0.3,init=refit,max-positions=512"],
+                              calib=calib, min_samples=4)
+    assert seen and all(seen)
+    scores = [g for g in result.report.fidelity["groups"].values() if g["kind"] == "score"]
+    assert scores
+    for group in scores:  # whole flips: a rate times its union is a count
+        for t in ("0.25", "0.5"):
+            flips = group[f"flip@{t}"] * group[f"decisions@{t}"]
+            assert flips == pytest.approx(round(flips), abs=1e-9)
