@@ -73,7 +73,7 @@ MAX_AUTO_GROUPS = 8
 TAIL_PERIODS = range(2, 7)
 
 Kind = Literal["score", "value"]
-Run = tuple[int, int, Kind] | tuple[int, int, Kind, int]  # (start, stop, kind[, step])
+Run = tuple[int, int, Kind, int]  # start, stop, kind, step (1 but in an interleaved tail)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def _output_groups(output: str, array: np.ndarray) -> list[OutputGroup]:
 
 def _auto_runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray) -> list[Run] | None:
     """Rules 2-4 on one stretch of rows; None where it would give too many groups."""
-    runs: list[Run] = list(_runs(bounded, rms, dense))
+    runs = _runs(bounded, rms, dense)
     if len(runs) > MAX_AUTO_GROUPS:
         runs = _interleaved(runs, bounded, rms) or []
         if not runs or len(runs) > MAX_AUTO_GROUPS:
@@ -207,11 +207,9 @@ def _dense_rows(bounded: np.ndarray, median: np.ndarray) -> np.ndarray:
     return dense
 
 
-def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray | None = None
-          ) -> list[tuple[int, int, Kind]]:
-    """Contiguous (start, stop, kind) runs: bounded rows by density; unbounded rows by scale."""
-    dense = np.zeros(len(bounded), dtype=bool) if dense is None else dense
-    runs: list[tuple[int, int, Kind]] = []
+def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray) -> list[Run]:
+    """Contiguous runs: bounded rows by density; unbounded rows by scale."""
+    runs: list[Run] = []
     start, lo, hi = 0, 0.0, 0.0
     for i in range(len(bounded)):
         scale = max(float(rms[i]), 1e-30)
@@ -226,14 +224,13 @@ def _runs(bounded: np.ndarray, rms: np.ndarray, dense: np.ndarray | None = None
         if same_kind and fits:
             lo, hi = min(lo, scale), max(hi, scale)
             continue
-        runs.append((start, i, "score" if bounded[start] else "value"))
+        runs.append((start, i, "score" if bounded[start] else "value", 1))
         start, lo, hi = i, scale, scale
-    runs.append((start, len(bounded), "score" if bounded[start] else "value"))
+    runs.append((start, len(bounded), "score" if bounded[start] else "value", 1))
     return runs
 
 
-def _interleaved(runs: Sequence[tuple[int, int, Kind]], bounded: np.ndarray, rms: np.ndarray
-                 ) -> list[Run] | None:
+def _interleaved(runs: Sequence[Run], bounded: np.ndarray, rms: np.ndarray) -> list[Run] | None:
     """The runs up to the first score run, then the rows after it as strided groups, where those
     rows repeat one pattern to the end (keypoint triples); else None. A row's place in the
     pattern is "bounded", or for unbounded rows its decade of RMS (pixels vs logits).
@@ -272,11 +269,10 @@ def _named(output: str, axis: int, runs: Sequence[Run]) -> list[OutputGroup]:
     counts = {kind: sum(r[2] == kind for r in runs) for kind in ("score", "value")}
     seen = {"score": 0, "value": 0}
     groups = []
-    for start, stop, kind, *step in runs:
+    for start, stop, kind, step in runs:
         seen[kind] += 1
         name = kind if counts[kind] == 1 else f"{kind}{seen[kind]}"
-        groups.append(OutputGroup(output, name, axis, start, stop, kind, step=step[0] if step
-                                  else 1))
+        groups.append(OutputGroup(output, name, axis, start, stop, kind, step=step))
     return groups
 
 
@@ -454,11 +450,10 @@ def _bind_output(name: str, array: np.ndarray, mine: list[OutputGroup]) -> list[
         while j < size and not covered[j]:
             j += 1
         runs = _auto_runs(bounded[i:j], rms[i:j], dense[i:j]) or [
-            (0, j - i, "score" if bounded[i:j].all() else "value")]
-        for start, stop, kind, *step in runs:
+            (0, j - i, "score" if bounded[i:j].all() else "value", 1)]
+        for start, stop, kind, step in runs:
             rest += 1
             label = f"rest{rest}" if f"rest{rest}" not in taken else f"rest{rest}_"
-            bound.append(OutputGroup(name, label, axis, i + start, i + stop, kind,
-                                     step=step[0] if step else 1))
+            bound.append(OutputGroup(name, label, axis, i + start, i + stop, kind, step=step))
         i = j
     return sorted(bound, key=lambda g: g.start)
